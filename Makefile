@@ -19,6 +19,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(PY) -m pipeline.synth $(DEMO)/checkpoint --preset tiny
+	$(VENV)/bin/mimo-shard $(DEMO)/checkpoint $(DEMO)/out --devices 4
+	$(VENV)/bin/mimo-manifest show $(DEMO)/out
+	$(VENV)/bin/mimo-manifest verify $(DEMO)/out
+
+plans: $(STAMP)
+	for n in 32 64; do \
+	  $(PY) -m pipeline.cli --dry-run --config manifests/mimo-v2-flash/config.json --devices $$n --workers 4 \
+	    > manifests/mimo-v2-flash/dry-run-$$n.txt; \
+	  $(PY) -m pipeline.cli --dry-run --config manifests/mimo-v2-flash/config.json --devices $$n --workers 4 --json \
+	    > manifests/mimo-v2-flash/dry-run-$$n.json; \
+	done
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline loader runtime tests

@@ -13,28 +13,15 @@ through it. The result is bit-identical to computing the rule element by element
 
 from __future__ import annotations
 
-import threading
-
 import ml_dtypes
 import numpy as np
+
+from pipeline.buffers import scratch
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8_MAX = 448.0
 _CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # [256]
-_scratch = threading.local()
-
-
-def _buffer(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """A per-thread reusable buffer (fresh pages are slow to fault in; reuse them)."""
-    pool = getattr(_scratch, "pool", None)
-    if pool is None:
-        pool = _scratch.pool = {}
-    n = int(np.prod(shape))
-    buf = pool.get((name, dtype))
-    if buf is None or buf.size < n:
-        buf = pool[(name, dtype)] = np.empty(max(n, 1), dtype)
-    return buf[:n].reshape(shape)
 
 
 def standard_row_scales(rows: int, block_rows: int) -> np.ndarray:
@@ -65,6 +52,12 @@ def fused_kv_row_scales(
     return np.asarray(k_map, np.int64), np.asarray(v_map, np.int64)
 
 
+def _tables(scales: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
+    """Flat tables: entry ``k * 256 + code`` is ``cast(f32(code) * scales[k])``."""
+    table = (_CODE_VALUES[None, :] * scales[:, None]).astype(out_dtype)
+    return table.view(np.uint16 if out_dtype == BF16 else np.float32).reshape(-1)
+
+
 def dequantise(
     codes: np.ndarray,
     scales: np.ndarray,
@@ -83,22 +76,49 @@ def dequantise(
     out_dtype = np.dtype(out_dtype)
     if out is None:
         out = np.empty((rows, cols), out_dtype)
-    table_dtype = np.uint16 if out_dtype == BF16 else np.float32
-    out_bits = out.view(table_dtype)
-    ncb = scales.shape[1]
+    out_bits = out.view(np.uint16 if out_dtype == BF16 else np.float32)
     col_offset = ((np.arange(cols) // block_cols) * 256).astype(np.int32)  # [C]
-    # runs of consecutive rows that share a scale-grid row
-    change = np.flatnonzero(np.diff(row_scale)) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change, [rows]])
+    change = np.flatnonzero(np.diff(row_scale)) + 1  # runs of rows sharing a scale-grid row
+    starts, ends = np.concatenate([[0], change]), np.concatenate([change, [rows]])
     for r0, r1 in zip(starts.tolist(), ends.tolist(), strict=True):
-        table = (_CODE_VALUES[None, :] * scales[row_scale[r0]][:, None]).astype(out_dtype)
-        table = table.view(table_dtype).reshape(ncb * 256)  # [ncb*256]
+        table = _tables(scales[row_scale[r0]], out_dtype)  # [ncb * 256]
         for s0 in range(r0, r1, 128):
             s1 = min(s0 + 128, r1)
-            idx = _buffer("idx", (s1 - s0, cols), np.dtype(np.int32))
+            idx = scratch("idx", (s1 - s0, cols), np.dtype(np.int32))
             np.add(codes[s0:s1], col_offset[None, :], out=idx)
-            np.take(table, idx, out=out_bits[s0:s1])
+            np.take(table, idx, out=out_bits[s0:s1], mode="clip")  # indices are in range
+    return out
+
+
+def dequantise_transposed(
+    codes_t: np.ndarray,
+    scales: np.ndarray,
+    row_scale: np.ndarray,
+    block_cols: int,
+    out_dtype: np.dtype = BF16,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``dequantise(codes_t.T, ...).T``: the same rule, from and to the kernel layout.
+
+    ``codes_t [C, R]`` holds the codes of weight rows ``R`` transposed; ``row_scale [R]`` the
+    scale-grid row of each weight row. ``out [C, R]`` may be a strided view (a column band of a
+    larger array). Output row ``c`` uses scale column ``c // block_cols``.
+    """
+    codes_t = codes_t.view(np.uint8)
+    cols, rows = codes_t.shape
+    out_dtype = np.dtype(out_dtype)
+    if out is None:
+        out = np.empty((cols, rows), out_dtype)
+    out_bits = out.view(np.uint16 if out_dtype == BF16 else np.float32)
+    lo = int(row_scale.min())
+    offset = ((row_scale - lo) * 256).astype(np.int32)  # [R]
+    used = scales[lo : int(row_scale.max()) + 1]  # the grid rows this chunk needs
+    for c0 in range(0, cols, block_cols):
+        c1 = min(c0 + block_cols, cols)
+        table = _tables(used[:, c0 // block_cols], out_dtype)  # [rows used * 256]
+        idx = scratch("idx", (c1 - c0, rows), np.dtype(np.int32))
+        np.add(codes_t[c0:c1], offset[None, :], out=idx)
+        np.take(table, idx, out=out_bits[c0:c1], mode="clip")  # indices are in range
     return out
 
 

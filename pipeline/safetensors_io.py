@@ -132,15 +132,41 @@ def _entry(path: Path, name: str, e: object, data_start: int, data_size: int) ->
     return TensorEntry(name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
 
 
+IOV_MAX = 1024
+
+
 def read_into(fd: int, offset: int, out: np.ndarray, where: str) -> np.ndarray:
-    """Fill the C-contiguous ``out`` with the bytes at ``offset`` of ``fd``."""
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise InputError(f"{where}: unexpected end of file (truncated while reading)")
-        done += n
+    """Fill ``out`` with the bytes at ``offset`` of ``fd``.
+
+    ``out`` is C-contiguous, or a 2-D array whose rows are contiguous but spaced further apart
+    (a row-padded buffer); then each row is its own ``preadv`` segment.
+    """
+    if out.flags.c_contiguous:
+        segments = [memoryview(out.reshape(-1).view(np.uint8))]
+    else:
+        segments = [memoryview(row.view(np.uint8)) for row in out]
+    for i in range(0, len(segments), IOV_MAX):
+        batch = segments[i : i + IOV_MAX]
+        total = sum(len(b) for b in batch)
+        done = 0
+        while done < total:
+            n = os.preadv(fd, _skip(batch, done), offset + done)
+            if n == 0:
+                raise InputError(f"{where}: unexpected end of file (truncated while reading)")
+            done += n
+        offset += total
+    return out
+
+
+def _skip(segments: list[memoryview], n: int) -> list[memoryview]:
+    """``segments`` without their first ``n`` bytes (after a short read)."""
+    out = []
+    for s in segments:
+        if n >= len(s):
+            n -= len(s)
+            continue
+        out.append(s[n:])
+        n = 0
     return out
 
 
@@ -160,8 +186,11 @@ def read_rows(
     shape = (stop - start, *tail) if entry.shape else ()
     if out is None:
         out = np.empty(shape, dt)
+    elif out.ndim == 2 and len(shape) == 2 and out.shape == shape:
+        out = out.view(dt)  # a (row-padded) 2-D buffer of the right shape
     else:
-        out = out.reshape(-1)[: int(np.prod(shape, dtype=np.int64))].view(dt).reshape(shape)
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        out = out.reshape(-1).view(np.uint8)[:n].view(dt).reshape(shape)
     return read_into(fd, entry.begin + start * row_bytes, out, f"tensor '{entry.name}'")
 
 

@@ -30,10 +30,13 @@ def expand(scales: torch.Tensor, rows: int, cols: int, block=(128, 128)) -> torc
     return scales.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
 
 
-def dequantised_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every main-model tensor, dequantised, as float32 holding bfloat16-rounded values.
+def dequantised_state(
+    ckpt: Path, rounding: torch.dtype | None = torch.bfloat16
+) -> dict[str, torch.Tensor]:
+    """Every main-model tensor, dequantised, as float32 holding ``rounding``-rounded values.
 
-    Router weight and correction bias stay float32. Full-attention k/v use the fused rule:
+    ``rounding=None`` keeps float32 products. Router weight and correction bias stay float32.
+    Full-attention k/v use the fused rule:
     head h's rows ``[K_h; V_h]`` are cut into 128-row blocks with scale rows
     ``[k_scale[2h], k_scale[2h+1], v_scale[h]]`` (for head_dim 192, v_head_dim 128).
     """
@@ -54,8 +57,7 @@ def dequantised_state(ckpt: Path) -> dict[str, torch.Tensor]:
             is_kv = name.endswith(("k_proj.weight", "v_proj.weight"))
             if is_kv and layer >= 0 and cfg.layer(layer).attention == FULL:
                 continue  # below, k and v together
-            w = t.float() * expand(s, *t.shape, block)
-            out[name] = w.to(torch.bfloat16).float()
+            out[name] = _round(t.float() * expand(s, *t.shape, block), rounding)
         elif "mlp.gate." in name:
             out[name] = t.float()
         else:
@@ -80,9 +82,13 @@ def dequantised_state(ckpt: Path) -> dict[str, torch.Tensor]:
             fused = rows * expand(grid, d + dv, k.shape[1], block)
             k_out.append(fused[:d])
             v_out.append(fused[d:])
-        out[f"{p}.k_proj.weight"] = torch.cat(k_out).to(torch.bfloat16).float()
-        out[f"{p}.v_proj.weight"] = torch.cat(v_out).to(torch.bfloat16).float()
+        out[f"{p}.k_proj.weight"] = _round(torch.cat(k_out), rounding)
+        out[f"{p}.v_proj.weight"] = _round(torch.cat(v_out), rounding)
     return out
+
+
+def _round(t: torch.Tensor, rounding: torch.dtype | None) -> torch.Tensor:
+    return t if rounding is None else t.to(rounding).float()
 
 
 def load_transformers_model(ckpt: Path, experts: list[int] | None = None):

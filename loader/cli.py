@@ -1,0 +1,431 @@
+"""``mimo-manifest show|list|verify|diff|audit``: inspect, verify and compare mimo-shard outputs.
+
+Exit codes: 0 success (verify: all arrays match; diff: identical content; audit: nothing
+unexpected), 1 a finding (mismatched arrays, differences, unexpected tensors), 2 unusable input.
+``--json`` output is stable: keys are documented in the README and only ever added to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from loader.checks import LoaderError, Problem, check_array, read_manifest, store_metadata
+from loader.config import FULL, MOE, MiMoConfig
+from loader.format import SHARED, device_store
+
+
+def _gb(n: int) -> str:
+    """Bytes in decimal units: 19.35 GB, 37.1 MB, 1.3 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _ranges(ids: list[int]) -> str:
+    out, start = [], None
+    for i, v in enumerate(ids):
+        start = v if start is None else start
+        if i + 1 == len(ids) or ids[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+def _load(out: Path) -> dict[str, Any]:
+    try:
+        return read_manifest(out)
+    except LoaderError as e:
+        click.echo(f"mimo-manifest: error: {e}", err=True)
+        sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Inspect, verify and compare mimo-shard outputs."""
+
+
+# --------------------------------------------------------------------------------------- show
+def summary(out: Path, m: dict[str, Any]) -> dict[str, Any]:
+    """The ``show --json`` document."""
+    cfg = MiMoConfig.from_dict(m["model"]["config"])
+    o, src = m["options"], m["source"]
+    layers = o["layers"] if o["layers"] is not None else list(range(cfg.num_layers))
+    devices = {k: v for k, v in m["stores"].items() if k != SHARED}
+    emap = m["layout"]["expert_map"]
+    per_device = sorted({len(v[0]) for v in emap.values()}) if emap else []
+    full = [i for i in layers if cfg.layer_types[i] == FULL]
+    q_per_device = {cfg.layer(i).q_heads // o["devices"] for i in layers}
+    return {
+        "out": str(out),
+        "format_version": m["format_version"],
+        "tool": m["tool"],
+        "created": m["created"],
+        "model": {
+            "architecture": m["model"]["architecture"],
+            "layers": cfg.num_layers,
+            "full_attention_layers": [
+                i for i in range(cfg.num_layers) if cfg.layer_types[i] == FULL
+            ],
+            "experts": cfg.n_routed_experts,
+            "experts_per_token": cfg.num_experts_per_tok,
+            "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size,
+        },
+        "source": {
+            "kind": src["kind"],
+            "location": src.get("repo_id") or src.get("path"),
+            "revision": src.get("revision"),
+            "index_sha256": src["index_sha256"],
+            "files": len(src["files"]),
+            "mtp_layers_skipped": src["mtp_layers"],
+        },
+        "options": o,
+        "subsets": {"layers": o["layers"], "experts": o["experts"]},
+        "layout": {
+            "devices": o["devices"],
+            "query_heads_per_device": sorted(q_per_device),
+            "kv_heads_replicated": any(cfg.layer(i).kv_heads < o["devices"] for i in layers),
+            "experts_per_device_per_layer": per_device,
+            "moe_layers": len(emap),
+            "contiguous_expert_map": all(
+                b == list(range(b[0], b[0] + len(b))) for v in emap.values() for b in v
+            ),
+            "vocab_per_device": m["layout"]["vocab"][0][1] - m["layout"]["vocab"][0][0],
+            "converted_layers": len(layers),
+            "converted_full_attention_layers": len(full),
+            "converted_moe_layers": sum(cfg.mlp_types[i] == MOE for i in layers),
+        },
+        "stores": {
+            "shared": m["stores"][SHARED],
+            "device_bytes_min": min(v["bytes"] for v in devices.values()),
+            "device_bytes_max": max(v["bytes"] for v in devices.values()),
+            "device_arrays_max": max(v["arrays"] for v in devices.values()),
+        },
+        "totals": m["totals"],
+    }
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def show(out: Path, as_json: bool) -> None:
+    """Summarise the output OUT: model, source, options, layout, sizes."""
+    m = _load(out)
+    s = summary(out, m)
+    if as_json:
+        click.echo(json.dumps(s, indent=1))
+        return
+    mo, so, o, la, st = s["model"], s["source"], s["options"], s["layout"], s["stores"]
+    rev = f" @ {so['revision']}" if so["revision"] else ""
+    rows = [
+        (
+            "output",
+            f"{out} (complete; format {s['format_version']}, {s['tool']['name']} "
+            f"{s['tool']['version']}, {s['created']})",
+        ),
+        (
+            "model",
+            f"{mo['architecture']}: {mo['layers']} layers ({len(mo['full_attention_layers'])} "
+            f"full attention), {mo['experts']} experts (top {mo['experts_per_token']}), "
+            f"hidden {mo['hidden_size']}, vocab {mo['vocab_size']}",
+        ),
+        (
+            "source",
+            f"{so['kind']} {so['location']}{rev} (index sha256 {so['index_sha256'][:12]}, "
+            f"{so['files']} files, {so['mtp_layers_skipped']} MTP layers not converted)",
+        ),
+        (
+            "options",
+            f"devices {o['devices']}, dtype {o['dtype']}, layers "
+            f"{_ranges(o['layers']) if o['layers'] is not None else 'all'}, experts "
+            f"{_ranges(o['experts']) if o['experts'] is not None else 'all'}",
+        ),
+        (
+            "attention",
+            f"{'/'.join(map(str, la['query_heads_per_device']))} query heads per device"
+            + (", KV heads replicated" if la["kv_heads_replicated"] else ""),
+        ),
+        (
+            "experts",
+            f"{'/'.join(map(str, la['experts_per_device_per_layer']))} per device on "
+            f"{la['moe_layers']} MoE layers "
+            f"({'contiguous' if la['contiguous_expert_map'] else 'custom'} expert map)",
+        ),
+        ("lm_head", f"{la['vocab_per_device']} vocabulary rows per device"),
+        ("shared", f"{_gb(st['shared']['bytes'])} in {st['shared']['arrays']} arrays"),
+        (
+            "per device",
+            f"{_gb(st['device_bytes_max'])} in {st['device_arrays_max']} arrays"
+            + (
+                ""
+                if st["device_bytes_min"] == st["device_bytes_max"]
+                else f" (smallest {_gb(st['device_bytes_min'])})"
+            ),
+        ),
+        ("total", f"{_gb(s['totals']['bytes'])} in {s['totals']['arrays']} arrays"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+# --------------------------------------------------------------------------------------- list
+def _select(m: dict[str, Any], rank: int | None) -> list[dict[str, Any]]:
+    if rank is None:
+        return m["arrays"]
+    n = m["options"]["devices"]
+    if not 0 <= rank < n:
+        click.echo(f"mimo-manifest: error: --device-rank {rank} is outside 0..{n - 1}", err=True)
+        sys.exit(2)
+    stores = {SHARED, device_store(rank)}
+    return [a for a in m["arrays"] if a["store"] in stores]
+
+
+@main.command("list")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--device-rank", type=int, default=None, help="Only the shared arrays and this device's."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest records as JSON.")
+def list_arrays(out: Path, device_rank: int | None, as_json: bool) -> None:
+    """List arrays with shape, dtype, bytes, transform and sources."""
+    arrays = _select(_load(out), device_rank)
+    if as_json:
+        keys = ("store", "path", "shape", "dtype", "bytes", "checksum", "transform", "sources")
+        click.echo(json.dumps([{k: a[k] for k in keys} for a in arrays], indent=1))
+        return
+    rows = []
+    for a in arrays:
+        src = a["sources"]
+        first = src[0] if len(src) == 1 else f"{src[0]} (+{len(src) - 1})"
+        rows.append(
+            (
+                a["store"],
+                a["path"],
+                "x".join(map(str, a["shape"])),
+                a["dtype"],
+                f"{a['bytes']:,}",
+                a["transform"]["name"],
+                first,
+            )
+        )
+    head = ("store", "path", "shape", "dtype", "bytes", "transform", "sources")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    right = {2, 4}
+    for r in [head, *rows]:
+        click.echo(
+            "  ".join(
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+
+
+# ------------------------------------------------------------------------------------- verify
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--device-rank", type=int, default=None, help="Only the shared arrays and this device's."
+)
+@click.option(
+    "--workers", "-j", type=int, default=2, show_default=True, help="Files checksummed in parallel."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify(out: Path, device_rank: int | None, workers: int, quiet: bool) -> None:
+    """Recompute every checksum; exit 1 naming each array that is missing, resized or changed."""
+    m = _load(out)
+    arrays = _select(m, device_rank)
+    meta: dict[str, dict[str, Any]] = {}
+    problems: list[Problem] = []
+    for store in sorted({a["store"] for a in arrays}):
+        try:
+            meta[store] = store_metadata(out, store)
+        except LoaderError as e:
+            meta[store] = {}
+            problems.append(Problem(store, "", "metadata", str(e)))
+    total = sum(a["bytes"] for a in arrays)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="verify",
+        disable=quiet,
+        file=sys.stderr,
+    )
+
+    def one(a: dict[str, Any]) -> Problem | None:
+        p = check_array(out, a, meta[a["store"]].get(a["path"]), checksum=True)
+        bar.update(a["bytes"])
+        return p
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems += [p for p in pool.map(one, arrays) if p is not None]
+    bar.close()
+    if problems:
+        for p in problems:
+            click.echo(f"MISMATCH {p}")
+        click.echo(f"{len(problems)} of {len(arrays)} arrays do not match the manifest")
+        sys.exit(1)
+    click.echo(f"verified {len(arrays)} arrays ({_gb(total)}): all match the manifest")
+
+
+# --------------------------------------------------------------------------------------- diff
+def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The ``diff --json`` document: what differs in content between two manifests."""
+    opts = {
+        k: {"a": a["options"][k], "b": b["options"][k]}
+        for k in a["options"]
+        if a["options"].get(k) != b["options"].get(k)
+    }
+    cfg = sorted(
+        k for k in a["model"]["config"] if a["model"]["config"][k] != b["model"]["config"].get(k)
+    )
+    ia = {(x["store"], x["path"]): x for x in a["arrays"]}
+    ib = {(x["store"], x["path"]): x for x in b["arrays"]}
+    changed = []
+    for key in sorted(ia.keys() & ib.keys()):
+        fields = [f for f in ("shape", "dtype", "checksum") if ia[key][f] != ib[key][f]]
+        if fields:
+            changed.append(
+                {
+                    "store": key[0],
+                    "path": key[1],
+                    "fields": fields,
+                    "a": {f: ia[key][f] for f in fields},
+                    "b": {f: ib[key][f] for f in fields},
+                }
+            )
+    only_a = [{"store": s, "path": p} for s, p in sorted(ia.keys() - ib.keys())]
+    only_b = [{"store": s, "path": p} for s, p in sorted(ib.keys() - ia.keys())]
+    same_source = a["source"]["index_sha256"] == b["source"]["index_sha256"]
+    return {
+        "identical": not (opts or cfg or changed or only_a or only_b),
+        "options": opts,
+        "config": cfg,
+        "only_in_a": only_a,
+        "only_in_b": only_b,
+        "changed": changed,
+        "same_source_index": same_source,
+        "arrays": {"a": len(ia), "b": len(ib), "common": len(ia.keys() & ib.keys())},
+    }
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def diff(a: Path, b: Path, as_json: bool) -> None:
+    """Compare two outputs array by array (presence, shape, dtype, checksum) and their options."""
+    d = differences(_load(a), _load(b))
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+    else:
+        for k, v in d["options"].items():
+            click.echo(f"option   {k}: {v['a']} -> {v['b']}")
+        for k in d["config"]:
+            click.echo(f"config   {k} differs")
+        for x in d["only_in_a"]:
+            click.echo(f"only A   {x['store']}/{x['path']}")
+        for x in d["only_in_b"]:
+            click.echo(f"only B   {x['store']}/{x['path']}")
+        for x in d["changed"]:
+            what = ", ".join(f"{f} {x['a'][f]} -> {x['b'][f]}" for f in x["fields"])
+            click.echo(f"changed  {x['store']}/{x['path']}: {what}")
+        n = d["arrays"]
+        verdict = "identical content" if d["identical"] else "outputs differ"
+        click.echo(f"{verdict} ({n['common']} common arrays; A {n['a']}, B {n['b']})")
+    sys.exit(0 if d["identical"] else 1)
+
+
+# -------------------------------------------------------------------------------------- audit
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
+
+
+def audit_report(m: dict[str, Any], weight_map: dict[str, str]) -> dict[str, Any]:
+    """Each tensor of the source index: used by which arrays, skipped, or unexpected."""
+    used: dict[str, list[str]] = {}
+    for a in m["arrays"]:
+        for s in a["sources"]:
+            used.setdefault(s, []).append(f"{a['store']}/{a['path']}")
+    layers, experts = m["options"]["layers"], m["options"]["experts"]
+    tensors, reasons = {}, Counter()
+    for name in sorted(weight_map):
+        if name in used:
+            entry = {"status": "used", "arrays": used[name]}
+        else:
+            why = _skip_reason(name, layers, experts)
+            entry = {"status": "skipped", "reason": why} if why else {"status": "unexpected"}
+            reasons[why or "unexpected"] += 1
+        tensors[name] = entry
+    missing = sorted(set(used) - set(weight_map))
+    return {
+        "tensors": tensors,
+        "counts": {
+            "total": len(weight_map),
+            "used": sum(t["status"] == "used" for t in tensors.values()),
+            "skipped": sum(t["status"] == "skipped" for t in tensors.values()),
+            "unexpected": sum(t["status"] == "unexpected" for t in tensors.values()),
+        },
+        "skipped_reasons": {k: v for k, v in sorted(reasons.items()) if k != "unexpected"},
+        "sources_missing_from_index": missing,
+    }
+
+
+def _skip_reason(name: str, layers: list[int] | None, experts: list[int] | None) -> str | None:
+    if name.startswith("model.mtp."):
+        return "MTP layer (multi-token prediction is not converted)"
+    lm = _LAYER.match(name)
+    if lm and layers is not None and int(lm.group(1)) not in layers:
+        return "layer outside the --layers subset"
+    em = _EXPERT.match(name)
+    if em and experts is not None and int(em.group(1)) not in experts:
+        return "expert outside the --experts subset"
+    return None
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print every tensor's status as JSON.")
+def audit(out: Path, source: Path, as_json: bool) -> None:
+    """Account for every tensor of SOURCE's index: used, deliberately skipped, or unexpected."""
+    m = _load(out)
+    index = source / "model.safetensors.index.json" if source.is_dir() else source
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        click.echo(f"mimo-manifest: error: {index}: cannot read the index ({e})", err=True)
+        sys.exit(2)
+    r = audit_report(m, weight_map)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+    else:
+        c = r["counts"]
+        click.echo(
+            f"{c['total']} source tensors: {c['used']} used, {c['skipped']} skipped, "
+            f"{c['unexpected']} unexpected"
+        )
+        for why, n in r["skipped_reasons"].items():
+            click.echo(f"  skipped {n:>6}  {why}")
+        for name, t in r["tensors"].items():
+            if t["status"] == "unexpected":
+                click.echo(f"  UNEXPECTED {name}")
+        for name in r["sources_missing_from_index"]:
+            click.echo(f"  MISSING FROM INDEX {name}")
+    sys.exit(1 if r["counts"]["unexpected"] or r["sources_missing_from_index"] else 0)
+
+
+if __name__ == "__main__":
+    main()

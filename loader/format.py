@@ -1,0 +1,70 @@
+"""The on-disk contract of a mimo-shard output, shared by the writer and every reader.
+
+```
+OUT/
+  manifest.json        written last, atomically: the commit point of the whole output
+  config.json          the source config, verbatim (plus tokenizer files when the source has them)
+  shared.zarr/         arrays every device reads (embedding, norms, routers)
+  device-000.zarr/ ... one store per device (its heads, its experts, its vocabulary slice)
+```
+
+Stores are zarr v3, one chunk per array, ``bytes`` codec little-endian, no compression: the chunk
+file ``<store>/<path>/c/0/0...`` holds the array's raw C-order bytes, so it can be memory-mapped.
+bfloat16 and float8 arrays are stored as ``uint16``/``uint8`` with a ``logical_dtype`` attribute
+(stock zarr-python cannot open bfloat16 arrays).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+FORMAT = "mimo-shard"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARED = "shared"
+STATE_DIR = ".mimo-shard"  # journal, run state; removed when the output is complete
+
+LOGICAL_DTYPES: dict[str, np.dtype] = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "int32": np.dtype(np.int32),
+    "uint32": np.dtype(np.uint32),
+}
+_RAW = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}
+CORE_DTYPES = {"float32", "float16", "int32", "uint32"}
+
+
+def device_store(rank: int) -> str:
+    """Store name of device ``rank``: ``device-007``."""
+    return f"device-{rank:03d}"
+
+
+def store_dir(out: Path, store: str) -> Path:
+    return Path(out) / f"{store}.zarr"
+
+
+def storage_dtype(logical: str) -> np.dtype:
+    """The zarr ``data_type`` used to store a logical dtype (raw bits for bf16/fp8)."""
+    if logical in CORE_DTYPES:
+        return LOGICAL_DTYPES[logical]
+    return _RAW[LOGICAL_DTYPES[logical].itemsize]
+
+
+def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One chunk holds the whole array; zero-length dimensions get chunk length 1."""
+    return tuple(max(1, d) for d in shape)
+
+
+def chunk_path(out: Path, store: str, path: str, shape: tuple[int, ...]) -> Path:
+    """The file holding the single chunk of array ``path`` (``c/0/0`` for 2-D, ``c`` for 0-d)."""
+    parts = ["c"] + ["0"] * len(shape)
+    return store_dir(out, store) / path / "/".join(parts)
+
+
+def nbytes(shape: tuple[int, ...], logical: str) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * LOGICAL_DTYPES[logical].itemsize

@@ -1,0 +1,133 @@
+"""The dry-run plan as data (``--dry-run --json``) and as aligned text."""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any
+
+from loader.format import SHARED
+from pipeline.plan import Plan
+
+METADATA_BYTES_PER_ARRAY = 1024  # zarr.json of an array and its share of group metadata
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def _layers_text(layers: list[int]) -> str:
+    """[0, 1, 2, 3, 5] -> '0-3,5'."""
+    out, start = [], None
+    for i, v in enumerate(layers):
+        if start is None:
+            start = v
+        if i + 1 == len(layers) or layers[i + 1] != v + 1:
+            out.append(f"{start}" if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``--dry-run`` reports, JSON-ready and stable."""
+    cfg, opts = plan.config, plan.options
+    per_store = plan.store_bytes()
+    devices = [b for s, b in per_store.items() if s != SHARED]
+    kinds: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+    counts: dict[str, int] = {}
+    for _, a in plan.arrays():
+        counts[a.store] = counts.get(a.store, 0) + 1
+        m = re.match(r"layers/(\d+)/(.*)", a.path)
+        pattern = f"layers/L/{m.group(2)}" if m else a.path
+        store = "shared" if a.store == SHARED else "device"
+        key = (store, pattern, a.shape, a.dtype)
+        k = kinds.setdefault(
+            key,
+            {
+                "store": store,
+                "path": pattern,
+                "shape": list(a.shape),
+                "dtype": a.dtype,
+                "bytes": a.nbytes,
+                "layers": [],
+                "arrays": 0,
+            },
+        )
+        k["arrays"] += 1
+        if m and int(m.group(1)) not in k["layers"]:
+            k["layers"].append(int(m.group(1)))
+    for k in kinds.values():
+        k["layers"] = _layers_text(k["layers"]) if k["layers"] else None
+    total = sum(per_store.values())
+    n_arrays = sum(counts.values())
+    return {
+        "model": "MiMoV2FlashForCausalLM",
+        "origin": origin,
+        "config": {
+            "layers": cfg.num_layers,
+            "experts": cfg.n_routed_experts,
+            "hidden_size": cfg.hidden_size,
+            "vocab_size": cfg.vocab_size,
+        },
+        "options": opts.to_dict(),
+        "layers_converted": len(plan.layers),
+        "units": len(plan.units),
+        "arrays": n_arrays,
+        "arrays_per_device": max(v for k, v in counts.items() if k != SHARED),
+        "bytes": {
+            "total": total,
+            "shared": per_store[SHARED],
+            "per_device_max": max(devices),
+            "per_device_min": min(devices),
+            "metadata_estimate": n_arrays * METADATA_BYTES_PER_ARRAY,
+        },
+        "disk_total": total + n_arrays * METADATA_BYTES_PER_ARRAY,
+        "source_bytes_read": plan.source_bytes(),
+        "workers": workers,
+        "expected_peak_memory": peak,
+        "kinds": list(kinds.values()),
+    }
+
+
+def plan_report(s: dict[str, Any]) -> str:
+    """Human-readable rendering of :func:`plan_summary`."""
+    o, b = s["options"], s["bytes"]
+    origin = s["origin"]
+    src = origin.get("repo_id") or origin.get("path") or origin.get("config")
+    lines = [
+        f"mimo-shard plan: {s['model']} from {src}",
+        f"  model        {s['config']['layers']} layers, {s['config']['experts']} experts, "
+        f"hidden {s['config']['hidden_size']}, vocab {s['config']['vocab_size']}",
+        f"  options      devices {o['devices']}, dtype {o['dtype']}, "
+        f"layers {_subset(o['layers'])}, experts {_subset(o['experts'])}",
+        f"  per device   {_gb(b['per_device_max'])} in {s['arrays_per_device']} arrays",
+        f"  shared       {_gb(b['shared'])}",
+        f"  total disk   {_gb(s['disk_total'])} ({s['arrays']} arrays, {s['units']} units)",
+        f"  source read  {_gb(s['source_bytes_read'])}",
+        f"  peak memory  {s['expected_peak_memory'] / 1e9:.2f} GB expected "
+        f"with {s['workers']} workers",
+        "",
+        f"  {'store':7} {'array':28} {'shape':>22} {'dtype':>9} {'layers':>14} {'bytes each':>12}",
+    ]
+    for k in s["kinds"]:
+        shape = "x".join(str(d) for d in k["shape"])
+        layers = k["layers"] or "-"
+        if len(layers) > 14:
+            layers = f"{_count(layers)} layers"
+        lines.append(
+            f"  {k['store']:7} {k['path']:28} {shape:>22} {k['dtype']:>9} "
+            f"{layers:>14} {k['bytes']:>12,}"
+        )
+    return "\n".join(lines)
+
+
+def _count(layers: str) -> int:
+    n = 0
+    for part in layers.split(","):
+        a, _, b = part.partition("-")
+        n += int(b or a) - int(a) + 1
+    return n
+
+
+def _subset(v: list[int] | None) -> str:
+    return "all" if v is None else _layers_text(v)

@@ -1,0 +1,246 @@
+"""Checkpoint sources and the validated view the converter reads through.
+
+A *source* knows how to produce a checkpoint's small files (``config.json``, the index, tokenizer
+files), the header of each safetensors file, and each whole file on local disk when the
+converter needs its bytes. :class:`LocalSource` reads a folder; :mod:`pipeline.hub` streams a
+Hugging Face Hub repository through the same interface.
+
+:func:`open_checked` reads the config, the index and every needed header, and checks all of it
+against the tensor inventory before a single output byte is written: a missing file or tensor,
+a truncated or malformed file, a dtype or shape that contradicts the config, a missing scale or an
+index path escaping the source folder is an :class:`InputError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+import numpy as np
+
+from loader.config import ConfigError, MiMoConfig
+from pipeline.errors import InputError
+from pipeline.inventory import SCALE_SUFFIX, TensorSpec, ceil_div
+from pipeline.safetensors_io import Header, TensorEntry, read_header, read_rows
+
+INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+EXTRA_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+class Source(Protocol):
+    """Where a checkpoint comes from."""
+
+    def describe(self) -> dict[str, Any]:
+        """Identity for the manifest: ``kind``, ``path`` or ``repo_id``, ``revision``."""
+
+    def read_small(self, name: str) -> bytes | None:
+        """A small top-level file (config, index, tokenizer), or None when absent."""
+
+    def header(self, file: str) -> Header:
+        """The validated safetensors header of ``file``."""
+
+    def fetch(self, file: str) -> Path:
+        """A local path holding ``file`` in full (may download; blocks until it is there)."""
+
+    def release(self, file: str) -> None:
+        """``file`` is no longer needed by this run."""
+
+
+def safe_relative(name: str, tensor: str) -> str:
+    """``name`` as a plain relative path inside the source folder, or an InputError."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name.startswith("~"):
+        raise InputError(
+            f"{INDEX}: tensor '{tensor}' maps to {name!r}, a path outside the source folder"
+        )
+    return str(p)
+
+
+class LocalSource:
+    """A checkpoint folder on local disk."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.root = Path(path).resolve()
+        if not self.root.is_dir():
+            raise InputError(f"{path}: source folder does not exist")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "path": str(self.root), "revision": None}
+
+    def read_small(self, name: str) -> bytes | None:
+        p = self.root / name
+        return p.read_bytes() if p.is_file() else None
+
+    def _path(self, file: str) -> Path:
+        p = (self.root / file).resolve()
+        if not p.is_relative_to(self.root):  # a symlink pointing elsewhere
+            raise InputError(f"{file}: resolves to {p}, outside the source folder {self.root}")
+        return p
+
+    def header(self, file: str) -> Header:
+        return read_header(self._path(file))
+
+    def fetch(self, file: str) -> Path:
+        return self._path(file)
+
+    def release(self, file: str) -> None:
+        pass
+
+
+@dataclass
+class Checked:
+    """A source whose config, index and headers passed validation."""
+
+    source: Source
+    raw_config: bytes
+    config: MiMoConfig
+    weight_map: dict[str, str]
+    index_sha256: str
+    headers: dict[str, Header]  # file -> header, for every file the plan reads
+    file_sizes: dict[str, int]
+    mtp_layers: int
+
+    def entry(self, name: str) -> TensorEntry:
+        return self.headers[self.weight_map[name]].tensors[name]
+
+
+def load_config(source: Source) -> tuple[bytes, MiMoConfig]:
+    raw = source.read_small("config.json")
+    if raw is None:
+        raise InputError("config.json: missing from the source")
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise InputError("config.json: top level must be a JSON object")
+        return raw, MiMoConfig.from_dict(d)
+    except json.JSONDecodeError as e:
+        raise InputError(f"config.json: invalid JSON ({e})") from None
+    except ConfigError as e:
+        raise InputError(f"config.json: {e}") from None
+
+
+def load_index(source: Source) -> tuple[dict[str, str], str]:
+    """``weight_map`` and the sha256 of the index file (or of the single file's header)."""
+    raw = source.read_small(INDEX)
+    if raw is None:  # a single-file checkpoint has no index: its header is the index
+        try:
+            header = source.header(SINGLE_FILE)
+        except InputError:
+            raise InputError(f"{INDEX}: missing from the source (and no {SINGLE_FILE})") from None
+        names = json.dumps(sorted(header.tensors)).encode()
+        return {n: SINGLE_FILE for n in header.tensors}, hashlib.sha256(names).hexdigest()
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{INDEX}: invalid JSON ({e})") from None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(wm, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
+    ):
+        raise InputError(f"{INDEX}: 'weight_map' must map tensor names to file names")
+    return {k: safe_relative(v, k) for k, v in wm.items()}, hashlib.sha256(raw).hexdigest()
+
+
+def count_mtp_layers(weight_map: dict[str, str]) -> int:
+    ids = {int(n.split(".")[3]) for n in weight_map if n.startswith("model.mtp.layers.")}
+    return max(ids) + 1 if ids else 0
+
+
+def open_checked(
+    source: Source,
+    needed: list[str],
+    inventory: dict[str, TensorSpec],
+    config: tuple[bytes, MiMoConfig] | None = None,
+) -> Checked:
+    """Check the tensors ``needed`` by the plan against the index, headers and ``inventory``."""
+    raw, cfg = config or load_config(source)
+    weight_map, digest = load_index(source)
+    for name in needed:
+        if name not in weight_map:
+            what = (
+                "scale (FP8 weight without its weight_scale_inv)"
+                if name.endswith(SCALE_SUFFIX)
+                else "tensor"
+            )
+            raise InputError(f"{INDEX}: {what} '{name}' is missing from the index")
+    files = sorted({weight_map[n] for n in needed})
+    headers = {f: source.header(f) for f in files}
+    for name in needed:
+        file = weight_map[name]
+        entry = headers[file].tensors.get(name)
+        if entry is None:
+            raise InputError(f"{file}: tensor '{name}' is listed in the index but not in the file")
+        _check_entry(cfg, inventory[name], entry, file)
+    sizes = {f: h.size for f, h in headers.items()}
+    return Checked(
+        source, raw, cfg, weight_map, digest, headers, sizes, count_mtp_layers(weight_map)
+    )
+
+
+def _check_entry(cfg: MiMoConfig, spec: TensorSpec, entry: TensorEntry, file: str) -> None:
+    where = f"{file}: tensor '{spec.name}'"
+    if not spec.allows(entry.dtype):
+        raise InputError(f"{where} has dtype {entry.dtype}; the config implies {spec.dtype}")
+    allowed = [spec.shape]
+    if spec.name.endswith(f"k_proj.{SCALE_SUFFIX}") and spec.name.startswith("model.layers."):
+        # a full-attention k grid is per-head fused ([8, 32]); a standard grid is accepted too
+        layer = cfg.layer(int(spec.name.split(".")[2]))
+        allowed.append(
+            (ceil_div(layer.kv_heads * layer.head_dim, cfg.quant.block[0]), spec.shape[1])
+        )
+    if entry.shape not in allowed:
+        raise InputError(
+            f"{where} has shape {list(entry.shape)}; the config implies {list(spec.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------------- reading
+class Reader:
+    """Reads row ranges of validated tensors, from any thread; counts the bytes it read."""
+
+    def __init__(self, checked: Checked) -> None:
+        self.checked = checked
+        self.cfg = checked.config
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(self.checked.source.fetch(file), os.O_RDONLY)
+            return fd
+
+    def close(self, file: str | None = None) -> None:
+        with self._lock:
+            for f in [file] if file else list(self._fds):
+                fd = self._fds.pop(f, None)
+                if fd is not None:
+                    os.close(fd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.checked.entry(name).shape
+
+    def raw(
+        self, name: str, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows ``[r0, r1)`` of ``name`` in its stored dtype (into ``out``'s memory when given)."""
+        entry = self.checked.entry(name)
+        out = read_rows(self._fd(self.checked.weight_map[name]), entry, r0, r1, out)
+        with self._lock:
+            self.bytes_read += out.nbytes
+        return out
