@@ -62,43 +62,57 @@ class Header:
     metadata: dict[str, str]
 
 
+def header_length(name: str | Path, size: int, first8: bytes) -> int:
+    """The JSON header length announced by a file's first 8 bytes, checked against its size."""
+    if len(first8) < 8:
+        raise InputError(f"{name}: truncated safetensors file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", first8[:8])
+    if n > size - 8:
+        raise InputError(
+            f"{name}: header length {n} is larger than the file ({size} bytes): truncated "
+            "or not a safetensors file"
+        )
+    if n > MAX_HEADER:
+        raise InputError(f"{name}: header length {n} exceeds {MAX_HEADER} bytes")
+    return n
+
+
+def parse_header(name: str | Path, size: int, raw: bytes) -> Header:
+    """Validate the JSON header ``raw`` of a ``size``-byte file called ``name``.
+
+    Every field is checked: dtypes, shapes, offsets consistent with the dtype and shape, and data
+    that ends inside the file. Sources that fetch headers remotely (range requests) use this too.
+    """
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{name}: malformed safetensors header (invalid JSON: {e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{name}: malformed safetensors header (not a JSON object)")
+    data_start = 8 + len(raw)
+    data_size = size - data_start
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise InputError(f"{name}: malformed safetensors header (__metadata__ is not an object)")
+    tensors: dict[str, TensorEntry] = {}
+    for tname, e in obj.items():
+        tensors[tname] = _entry(Path(name), tname, e, data_start, data_size)
+    return Header(Path(name), size, data_start, tensors, {str(k): str(v) for k, v in meta.items()})
+
+
 def read_header(path: str | Path) -> Header:
-    """Parse and validate the header of ``path``; every inconsistency is an InputError."""
+    """Parse and validate the header of the local file ``path``; problems are InputErrors."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise InputError(
-                    f"{path}: header length {n} is larger than the file ({size} bytes): truncated "
-                    "or not a safetensors file"
-                )
-            if n > MAX_HEADER:
-                raise InputError(f"{path}: header length {n} exceeds {MAX_HEADER} bytes")
+            n = header_length(path, size, f.read(8))
             raw = f.read(n)
     except FileNotFoundError:
         raise InputError(f"{path}: file listed in the index is missing") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory, not a safetensors file") from None
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: malformed safetensors header (invalid JSON: {e})") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: malformed safetensors header (not a JSON object)")
-    data_start = 8 + n
-    data_size = size - data_start
-    meta = obj.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise InputError(f"{path}: malformed safetensors header (__metadata__ is not an object)")
-    tensors: dict[str, TensorEntry] = {}
-    for name, e in obj.items():
-        tensors[name] = _entry(path, name, e, data_start, data_size)
-    return Header(path, size, data_start, tensors, {str(k): str(v) for k, v in meta.items()})
+    return parse_header(path, size, raw)
 
 
 def _entry(path: Path, name: str, e: object, data_start: int, data_size: int) -> TensorEntry:
