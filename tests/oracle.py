@@ -91,16 +91,19 @@ def _round(t: torch.Tensor, rounding: torch.dtype | None) -> torch.Tensor:
     return t if rounding is None else t.to(rounding).float()
 
 
-def load_transformers_model(ckpt: Path, experts: list[int] | None = None):
+def load_transformers_model(
+    ckpt: Path, experts: list[int] | None = None, rounding: torch.dtype | None = torch.bfloat16
+):
     """transformers' MiMoV2FlashForCausalLM (eager attention, float32) with the checkpoint weights.
 
     ``experts`` restricts every MoE layer to those global experts (router rows sliced), which is
-    what routing restricted to a converted expert subset computes.
+    what routing restricted to a converted expert subset computes. ``rounding`` as in
+    :func:`dequantised_state` (None: the float32 products a ``--dtype float32`` output holds).
     """
     from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
     cfg = MiMoConfig.from_file(ckpt / "config.json")
-    state = dequantised_state(ckpt)
+    state = dequantised_state(ckpt, rounding)
     kept = list(range(cfg.n_routed_experts)) if experts is None else list(experts)
     kw = cfg.to_transformers()
     kw.update(

@@ -1,0 +1,100 @@
+"""Communicators: how ranks exchange partial results (all-reduce, all-gather).
+
+- :class:`SingleRank`: one rank, collectives are identities.
+- :class:`ThreadGroup`: every rank in this process, one thread each; sums run in rank order in
+  float32, so results are deterministic and independent of thread timing.
+- ``runtime.dist.TorchDistributed``: one process per rank over ``torch.distributed``.
+
+Kernels only read ``replica_groups`` while traced for Trainium; on CPU they call the methods.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import numpy as np
+
+
+class Communicator(Protocol):
+    rank: int
+    world_size: int
+
+    @property
+    def replica_groups(self) -> list[list[int]]: ...
+
+    def all_reduce(self, x: np.ndarray) -> np.ndarray: ...
+
+    def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray: ...
+
+    def barrier(self) -> None: ...
+
+
+class SingleRank:
+    """World of one."""
+
+    rank = 0
+    world_size = 1
+
+    @property
+    def replica_groups(self) -> list[list[int]]:
+        return [[0]]
+
+    def all_reduce(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
+        return x
+
+    def barrier(self) -> None:
+        pass
+
+
+class _Shared:
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.slots: list[np.ndarray | None] = [None] * world
+        self.barrier = threading.Barrier(world)
+
+
+class ThreadGroup:
+    """Rank ``rank`` of a group of threads in one process (build them with :meth:`create`)."""
+
+    def __init__(self, shared: _Shared, rank: int) -> None:
+        self._s = shared
+        self.rank = rank
+        self.world_size = shared.world
+
+    @classmethod
+    def create(cls, world: int) -> list[ThreadGroup]:
+        shared = _Shared(world)
+        return [cls(shared, r) for r in range(world)]
+
+    @property
+    def replica_groups(self) -> list[list[int]]:
+        return [list(range(self.world_size))]
+
+    def _exchange(self, x: np.ndarray) -> list[np.ndarray]:
+        s = self._s
+        s.slots[self.rank] = x
+        s.barrier.wait()  # every rank has posted
+        parts = list(s.slots)
+        s.barrier.wait()  # every rank has read; slots may be reused
+        return parts
+
+    def all_reduce(self, x: np.ndarray) -> np.ndarray:
+        parts = self._exchange(x)
+        out = parts[0].astype(np.float32, copy=True)
+        for p in parts[1:]:
+            out += p
+        return out.astype(x.dtype, copy=False)
+
+    def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
+        return np.concatenate(self._exchange(x), axis=axis)
+
+    def barrier(self) -> None:
+        self._s.barrier.wait()
+
+    def abort(self) -> None:
+        """Release every rank blocked in a collective (they raise BrokenBarrierError)."""
+        self._s.barrier.abort()

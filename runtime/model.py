@@ -1,0 +1,239 @@
+"""One rank of MiMo-V2-Flash over its device slice (``loader.open_device``).
+
+Per decoder layer: ``x + attention(rmsnorm(x))`` then ``+ mlp(rmsnorm(x))``. Attention is
+tensor-parallel on the rank's heads (all-reduce after ``o``); layer 0's dense MLP is split over
+the intermediate dimension (all-reduce); MoE layers run the rank's experts (all-reduce); the final
+norm and the rank's vocabulary slice of ``lm_head`` give logits gathered over ranks.
+
+State: a KV cache per layer — every position for full-attention layers, a ring of the previous
+``window - 1`` tokens for sliding layers. :meth:`RankModel.prefill` starts a sequence,
+:meth:`RankModel.decode` extends it one token; both run the same kernels. Activations and caches
+are float32; weights stay in the store's dtype (memory maps, never copied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from loader import Device
+from loader.config import FULL, MOE, LayerSpec
+from runtime.backends import Backend, CpuBackend
+from runtime.comm import Communicator, SingleRank
+from runtime.kernels.attention_full import attention_full
+from runtime.kernels.attention_swa import attention_swa
+from runtime.kernels.dense_mlp import dense_mlp
+from runtime.kernels.logits import logits
+from runtime.kernels.moe_block import moe_block
+from runtime.kernels.rmsnorm import rmsnorm
+from runtime.kernels.rope_partial import rope_tables
+from runtime.kernels.token_embedding import token_embedding
+
+ABSENT = np.float32(-1e30)  # choice bias of an expert the output does not hold
+
+
+class SequenceTooLong(ValueError):
+    """The sequence would exceed the model's ``max_seq_len``."""
+
+
+@dataclass
+class Layer:
+    """Everything one decoder layer needs on this rank."""
+
+    spec: LayerSpec
+    weights: dict[str, np.ndarray]
+    attn_static: dict[str, Any]
+    mlp_static: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class RankModel:
+    """The model as one rank sees it. Every rank of the output must run it in step."""
+
+    def __init__(
+        self,
+        dev: Device,
+        comm: Communicator | None = None,
+        max_seq_len: int = 4096,
+        backend: Backend | None = None,
+    ) -> None:
+        self.dev = dev
+        self.cfg = dev.config
+        self.comm = comm or SingleRank()
+        if self.comm.world_size != dev.devices or self.comm.rank != dev.rank:
+            raise ValueError(
+                f"communicator is rank {self.comm.rank} of {self.comm.world_size}, the device is "
+                f"rank {dev.rank} of {dev.devices}"
+            )
+        self.backend = backend or CpuBackend()
+        self.max_seq_len = max_seq_len
+        self.notices: list[str] = []
+        self.embed, self.norm, self.lm_head = dev["embed"], dev["norm"], dev["lm_head"]
+        self.layers = [self._layer(i) for i in dev.layers]
+        self.position = 0
+        self.reset()
+
+    # ----------------------------------------------------------------------------- set-up
+    def _layer(self, index: int) -> Layer:
+        dev, cfg = self.dev, self.cfg
+        spec = cfg.layer(index)
+        lp = f"layers/{index}"
+        (h0, h1), (g0, g1) = dev.heads(index)
+        w = {
+            "input_norm": dev[f"{lp}/input_norm"],
+            "post_attn_norm": dev[f"{lp}/post_attn_norm"],
+            "qkv_w": dev[f"{lp}/attn/qkv"],
+            "o_w": dev[f"{lp}/attn/o"],
+        }
+        static = {
+            "heads": h1 - h0,
+            "kv_heads": g1 - g0,
+            "head_dim": spec.head_dim,
+            "v_head_dim": spec.v_head_dim,
+            "value_scale": cfg.attention_value_scale,
+        }
+        if spec.window is not None:
+            static["window"] = spec.window
+        if spec.sinks:
+            w["sinks"] = dev[f"{lp}/attn/sinks"]
+        layer = Layer(spec, w, static)
+        if spec.mlp == MOE:
+            w["gate_up"], w["down"] = dev[f"{lp}/experts/gate_up"], dev[f"{lp}/experts/down"]
+            w["router_w"] = dev[f"{lp}/router"]
+            w["choice_bias"], top_k = self._choice_bias(dev[f"{lp}/router_bias"])
+            w["expert_ids"] = np.asarray(dev.expert_map[index], dtype=np.uint32)
+            layer.mlp_static = {
+                "top_k": top_k,
+                "norm_topk": cfg.norm_topk_prob,
+                "scaling": cfg.routed_scaling_factor,
+            }
+        else:
+            w["gate_up"], w["down"] = dev[f"{lp}/mlp/gate_up"], dev[f"{lp}/mlp/down"]
+        return layer
+
+    def _choice_bias(self, bias: np.ndarray) -> tuple[np.ndarray, int]:
+        """The correction bias, with experts the output lacks made unchoosable."""
+        cfg, present = self.cfg, self.dev.experts_subset
+        out = np.array(bias, dtype=np.float32)
+        if present is None:
+            return out, cfg.num_experts_per_tok
+        mask = np.ones(cfg.n_routed_experts, bool)
+        mask[present] = False
+        out[mask] = ABSENT
+        top_k = min(cfg.num_experts_per_tok, len(present))
+        note = (
+            f"routing restricted to the {len(present)} converted experts of "
+            f"{cfg.n_routed_experts} (top {top_k}); outputs differ from the full model"
+        )
+        if note not in self.notices:
+            self.notices.append(note)
+        return out, top_k
+
+    def reset(self) -> None:
+        """Forget the sequence: empty every KV cache."""
+        self.position = 0
+        for layer in self.layers:
+            kv, d, dv = (layer.attn_static[k] for k in ("kv_heads", "head_dim", "v_head_dim"))
+            if layer.spec.attention == FULL:
+                layer.cache = {
+                    "cache_k": np.zeros((self.max_seq_len, kv, d), np.float32),
+                    "cache_v": np.zeros((self.max_seq_len, kv, dv), np.float32),
+                }
+            else:
+                ring = layer.spec.window - 1
+                layer.cache = {
+                    "ring_k": np.zeros((ring, kv, d), np.float32),
+                    "ring_v": np.zeros((ring, kv, dv), np.float32),
+                    "ring_pos": np.full((ring,), -1, np.int32),
+                }
+
+    # ---------------------------------------------------------------------------- forward
+    def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Start a sequence with ``ids``; float32 logits (T, V) of every position."""
+        self.reset()
+        return self._forward(np.asarray(ids))
+
+    def decode(self, token: int) -> np.ndarray:
+        """Extend the sequence by one token; float32 logits (V,) of the next one."""
+        return self._forward(np.asarray([token]))[0]
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        tokens = ids.shape[0]
+        if tokens == 0:
+            raise ValueError("no tokens")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            bad = int(ids.max() if ids.max() >= self.cfg.vocab_size else ids.min())
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary (0..{self.cfg.vocab_size - 1})"
+            )
+        if self.position + tokens > self.max_seq_len:
+            raise SequenceTooLong(
+                f"sequence of {self.position + tokens} tokens exceeds "
+                f"max_seq_len {self.max_seq_len}"
+            )
+        run, eps, comm = self.backend.call, self.cfg.rms_norm_eps, self.comm
+        positions = np.arange(self.position, self.position + tokens, dtype=np.int32)
+        tables: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
+        x = run(token_embedding, {"ids": ids.astype(np.int32), "table": self.embed}, {})
+        for layer in self.layers:
+            s, w = layer.spec, layer.weights
+            key = (s.rope_theta, s.rotary_dim)
+            if key not in tables:
+                tables[key] = rope_tables(positions, s.rope_theta, s.rotary_dim)
+            cos, sin = tables[key]
+            h = run(rmsnorm, {"x": x, "weight": w["input_norm"]}, {"eps": eps})
+            args = {
+                "x": h,
+                "qkv_w": w["qkv_w"],
+                "o_w": w["o_w"],
+                "positions": positions,
+                "cos": cos,
+                "sin": sin,
+                **layer.cache,
+            }
+            if s.attention == FULL:
+                a = run(
+                    attention_full,
+                    args,
+                    {**layer.attn_static, "comm": comm},
+                    ("cache_k", "cache_v"),
+                )
+            else:
+                ring = layer.cache["ring_k"].shape[0]
+                args["slots"] = (positions[-min(tokens, ring) :] % ring).astype(np.int32)
+                args["sinks"] = w["sinks"]
+                a = run(
+                    attention_swa,
+                    args,
+                    {**layer.attn_static, "comm": comm},
+                    ("ring_k", "ring_v", "ring_pos"),
+                )
+            x = x + a
+            h = run(rmsnorm, {"x": x, "weight": w["post_attn_norm"]}, {"eps": eps})
+            if s.mlp == MOE:
+                m = run(
+                    moe_block,
+                    {
+                        "x": h,
+                        "router_w": w["router_w"],
+                        "choice_bias": w["choice_bias"],
+                        "expert_ids": w["expert_ids"],
+                        "gate_up": w["gate_up"],
+                        "down": w["down"],
+                    },
+                    {**layer.mlp_static, "comm": comm},
+                )
+            else:
+                m = run(
+                    dense_mlp, {"x": h, "gate_up": w["gate_up"], "down": w["down"]}, {"comm": comm}
+                )
+            x = x + m
+        out = run(
+            logits,
+            {"h": x, "norm_w": self.norm, "lm_head_w": self.lm_head},
+            {"eps": eps, "comm": comm},
+        )
+        self.position += tokens
+        return out
