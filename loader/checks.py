@@ -9,6 +9,7 @@ checksums are verified, the manifest's CRC32.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from loader.format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    TABLE_FORMAT,
     chunk_path,
     chunk_shape,
     storage_dtype,
@@ -62,6 +64,34 @@ def read_manifest(out: Path) -> dict[str, Any]:
             f"(this loader reads version {FORMAT_VERSION})"
         )
     return m
+
+
+def read_arrays(
+    out: Path, manifest: dict[str, Any], stores: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The array records of ``stores`` (default: all), from their tables in ``manifest.d/``.
+
+    Each table must hash to the sha256 the manifest records for it and hold the counted arrays.
+    """
+    out = Path(out)
+    names = stores if stores is not None else list(manifest["stores"])
+    records: list[dict[str, Any]] = []
+    for store in names:
+        entry = manifest["stores"].get(store)
+        if entry is None:
+            raise LoaderError(f"{out}: the manifest has no store {store!r}")
+        path = out / entry["table"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise LoaderError(f"{path}: missing (the array table of store {store})") from None
+        if hashlib.sha256(data).hexdigest() != entry["table_sha256"]:
+            raise LoaderError(f"{path}: does not match the sha256 recorded in {MANIFEST}")
+        table = json.loads(data)
+        if table.get("format") != TABLE_FORMAT or len(table["arrays"]) != entry["arrays"]:
+            raise LoaderError(f"{path}: not the array table the manifest describes")
+        records.extend(table["arrays"])
+    return records
 
 
 def store_metadata(out: Path, store: str) -> dict[str, dict[str, Any]]:
@@ -130,7 +160,7 @@ def check_array(
     why = metadata_problem(rec, meta)
     if why:
         return Problem(store, path, "metadata", why)
-    chunk = chunk_path(out, store, path, tuple(rec["shape"]))
+    chunk = Path(chunk_path(out, store, path, tuple(rec["shape"])))
     try:
         size = chunk.stat().st_size
     except FileNotFoundError:

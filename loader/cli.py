@@ -18,7 +18,14 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from loader.checks import LoaderError, Problem, check_array, read_manifest, store_metadata
+from loader.checks import (
+    LoaderError,
+    Problem,
+    check_array,
+    read_arrays,
+    read_manifest,
+    store_metadata,
+)
 from loader.config import FULL, MOE, MiMoConfig
 from loader.format import SHARED, device_store
 
@@ -41,9 +48,13 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-def _load(out: Path) -> dict[str, Any]:
+def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
+    """The manifest, with every store's array records under ``"arrays"`` when ``arrays``."""
     try:
-        return read_manifest(out)
+        m = read_manifest(out)
+        if arrays:
+            m["arrays"] = read_arrays(out, m)
+        return m
     except LoaderError as e:
         click.echo(f"mimo-manifest: error: {e}", err=True)
         sys.exit(2)
@@ -120,7 +131,7 @@ def summary(out: Path, m: dict[str, Any]) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def show(out: Path, as_json: bool) -> None:
     """Summarise the output OUT: model, source, options, layout, sizes."""
-    m = _load(out)
+    m = _load(out, arrays=False)
     s = summary(out, m)
     if as_json:
         click.echo(json.dumps(s, indent=1))

@@ -2,17 +2,19 @@
 
     from loader import open_device
     dev = open_device(OUT, rank)
-    w = dev["layers/5/experts/gate_up"]      # np.memmap, bfloat16 [E_local, H, 2*I], no copy
+    w = dev["layers/5/experts/gate_up"]      # read-only mmap view, bfloat16 [E_local, H, 2*I]
     dev.config, dev.expert_map[5], dev.manifest
 
-Opening reads the manifest and two consolidated ``zarr.json`` files, checks every array of the
-device against the manifest, and maps each chunk file with ``np.memmap`` (zarr is not imported:
-it has no zero-copy read path). No array byte is read unless ``verify=True``, which recomputes
-every checksum.
+Opening reads the manifest, two array tables and two consolidated ``zarr.json`` files, checks
+every array of the device against the manifest, and maps each chunk file read-only (``mmap`` viewed
+by ``np.frombuffer``; zarr is not imported: it has no zero-copy read path). No array byte is read
+unless ``verify=True``, which recomputes every checksum.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import resource
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -21,13 +23,21 @@ from typing import Any
 
 import numpy as np
 
-from loader.checks import LoaderError, check_array, read_manifest, store_metadata
+from loader.checks import (
+    LoaderError,
+    Problem,
+    check_array,
+    metadata_problem,
+    read_arrays,
+    read_manifest,
+    store_metadata,
+)
 from loader.config import MiMoConfig
 from loader.format import LOGICAL_DTYPES, SHARED, chunk_path, device_store
 
 
 def _ensure_fd_budget(n: int) -> None:
-    """Each memmap holds a file descriptor (CPython dups it); raise the soft limit if needed."""
+    """Each mapping holds a file descriptor (CPython dups it); raise the soft limit if needed."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = n + 256
     if soft != resource.RLIM_INFINITY and soft < want:
@@ -114,7 +124,7 @@ def open_device(
         )
     stores = (SHARED, device_store(rank))
     meta = {s: store_metadata(out, s) for s in stores}
-    records = [a for a in m["arrays"] if a["store"] in stores]
+    records = read_arrays(out, m, list(stores))
     expected = {(a["store"], a["path"]) for a in records}
     for s in stores:
         extra = sorted(p for p in meta[s] if (s, p) not in expected)
@@ -125,14 +135,36 @@ def open_device(
     _ensure_fd_budget(len(records))
     arrays: dict[str, np.ndarray] = {}
     for rec in records:
-        problem = check_array(out, rec, meta[rec["store"]].get(rec["path"]), checksum=verify)
+        if verify:
+            problem = check_array(out, rec, meta[rec["store"]].get(rec["path"]), checksum=True)
+        else:
+            why = metadata_problem(rec, meta[rec["store"]].get(rec["path"]))
+            problem = Problem(rec["store"], rec["path"], "metadata", why) if why else None
         if problem:
             raise LoaderError(f"{out}: {problem}")
-        shape = tuple(rec["shape"])
-        arrays[rec["path"]] = np.memmap(
-            chunk_path(out, rec["store"], rec["path"], shape),
-            dtype=LOGICAL_DTYPES[rec["dtype"]],
-            mode="r",
-            shape=shape,
-        )
+        arrays[rec["path"]] = _map(out, rec)
     return Device(out, rank, m, arrays)
+
+
+def _map(out: Path, rec: dict[str, Any]) -> np.ndarray:
+    """A read-only array over the chunk file of ``rec`` (its size checked against the manifest)."""
+    shape = tuple(rec["shape"])
+    path = chunk_path(out, rec["store"], rec["path"], shape)
+    store, name = rec["store"], rec["path"]
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        why = f"chunk file {path} does not exist"
+        raise LoaderError(f"{out}: {Problem(store, name, 'missing', why)}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size != rec["bytes"]:
+            why = f"chunk file has {size} bytes, manifest says {rec['bytes']}"
+            raise LoaderError(f"{out}: {Problem(store, name, 'size', why)}")
+        dtype = LOGICAL_DTYPES[rec["dtype"]]
+        if size == 0:
+            return np.empty(shape, dtype)
+        buf = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)

@@ -3,6 +3,7 @@
 ```
 OUT/
   manifest.json        written last, atomically: the commit point of the whole output
+  manifest.d/          one array table per store (records of its arrays), hashed in manifest.json
   config.json          the source config, verbatim (plus tokenizer files when the source has them)
   shared.zarr/         arrays every device reads (embedding, norms, routers)
   device-000.zarr/ ... one store per device (its heads, its experts, its vocabulary slice)
@@ -24,6 +25,8 @@ import numpy as np
 FORMAT = "mimo-shard"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TABLES = "manifest.d"  # manifest.d/<store>.json: the store's array records
+TABLE_FORMAT = "mimo-shard/arrays"
 SHARED = "shared"
 STATE_DIR = ".mimo-shard"  # journal, run state; removed when the output is complete
 
@@ -37,6 +40,11 @@ LOGICAL_DTYPES: dict[str, np.dtype] = {
 }
 _RAW = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}
 CORE_DTYPES = {"float32", "float16", "int32", "uint32"}
+
+
+def table_path(store: str) -> str:
+    """Path of a store's array table, relative to the output folder."""
+    return f"{TABLES}/{store}.json"
 
 
 def device_store(rank: int) -> str:
@@ -60,10 +68,9 @@ def chunk_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(max(1, d) for d in shape)
 
 
-def chunk_path(out: Path, store: str, path: str, shape: tuple[int, ...]) -> Path:
+def chunk_path(out: Path | str, store: str, path: str, shape: tuple[int, ...]) -> str:
     """The file holding the single chunk of array ``path`` (``c/0/0`` for 2-D, ``c`` for 0-d)."""
-    parts = ["c"] + ["0"] * len(shape)
-    return store_dir(out, store) / path / "/".join(parts)
+    return f"{out}/{store}.zarr/{path}/c" + "/0" * len(shape)
 
 
 def nbytes(shape: tuple[int, ...], logical: str) -> int:

@@ -29,7 +29,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from loader.format import FORMAT, FORMAT_VERSION, SHARED, chunk_path, store_dir
+from loader.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    SHARED,
+    TABLE_FORMAT,
+    chunk_path,
+    store_dir,
+    table_path,
+)
 from pipeline.errors import InputError
 from pipeline.journal import OutputDir, atomic_write, sync_filesystem
 from pipeline.plan import Options, Plan, Unit, build_plan, parse_spec
@@ -315,10 +323,10 @@ def _run(
     for store in plan.stores:
         consolidate(out, store)
     sync_filesystem(out)
-    manifest = build_manifest(plan, checked, fp, records, files)
-    od.finish(manifest)
+    manifest, tables = build_manifest(plan, checked, fp, records, files)
+    od.finish(manifest, {name: table_bytes(t) for name, t in tables.items()})
     summary.units = len(plan.units) - summary.resumed
-    summary.arrays = len(manifest["arrays"])
+    summary.arrays = manifest["totals"]["arrays"]
     summary.bytes_in = reader.bytes_read
     summary.bytes_out = sum(u.out_bytes for u in pending)
     summary.seconds = time.perf_counter() - t0
@@ -334,7 +342,7 @@ def _intact(out: Path, u: Unit, recs: list[dict[str, Any]]) -> bool:
     if len(recs) != len(u.outputs):
         return False
     for a, r in zip(u.outputs, recs, strict=True):
-        p = chunk_path(out, a.store, a.path, a.shape)
+        p = Path(chunk_path(out, a.store, a.path, a.shape))
         if r.get("bytes") != a.nbytes or not p.is_file() or p.stat().st_size != a.nbytes:
             return False
         if not (store_dir(out, a.store) / a.path / "zarr.json").is_file():
@@ -352,15 +360,19 @@ def build_manifest(
     fp: str,
     records: dict[str, list[dict[str, Any]]],
     files: list[str],
-) -> dict[str, Any]:
-    """The manifest (schema: ``manifests/manifest.schema.json``)."""
-    arrays = []
-    stores: dict[str, dict[str, Any]] = {
-        s: {"path": f"{s}.zarr", "arrays": 0, "bytes": 0} for s in plan.stores
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(manifest, array table per store). Schema: ``manifests/manifest.schema.json``.
+
+    The manifest stays small (identity, config, options, layout, per-store totals and the sha256
+    of each store's table) so a device opens without parsing every other device's records.
+    """
+    tables: dict[str, dict[str, Any]] = {
+        s: {"format": TABLE_FORMAT, "format_version": FORMAT_VERSION, "store": s, "arrays": []}
+        for s in plan.stores
     }
     for u in plan.units:
         for a, r in zip(u.outputs, records[u.id], strict=True):
-            arrays.append(
+            tables[a.store]["arrays"].append(
                 {
                     "store": a.store,
                     "path": a.path,
@@ -373,10 +385,17 @@ def build_manifest(
                     "unit": u.id,
                 }
             )
-            stores[a.store]["arrays"] += 1
-            stores[a.store]["bytes"] += a.nbytes
+    stores = {}
+    for s, t in tables.items():
+        stores[s] = {
+            "path": f"{s}.zarr",
+            "arrays": len(t["arrays"]),
+            "bytes": sum(a["bytes"] for a in t["arrays"]),
+            "table": table_path(s),
+            "table_sha256": hashlib.sha256(table_bytes(t)).hexdigest(),
+        }
     src = checked.source.describe()
-    return {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tool": {"name": "mimo-shard", "version": tool_version()},
@@ -398,10 +417,15 @@ def build_manifest(
         "layout": plan.layout,
         "stores": stores,
         "files": files,
-        "arrays": arrays,
         "totals": {
-            "arrays": len(arrays),
-            "bytes": sum(a["bytes"] for a in arrays),
+            "arrays": sum(v["arrays"] for v in stores.values()),
+            "bytes": sum(v["bytes"] for v in stores.values()),
             "shared_bytes": stores[SHARED]["bytes"],
         },
     }
+    return manifest, tables
+
+
+def table_bytes(table: dict[str, Any]) -> bytes:
+    """The serialised form of an array table (its sha256 is recorded in the manifest)."""
+    return (json.dumps(table, separators=(",", ":")) + "\n").encode()

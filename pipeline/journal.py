@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loader.format import MANIFEST, STATE_DIR
+from loader.format import MANIFEST, STATE_DIR, TABLES, table_path
 from pipeline.errors import InputError
 
 RUN = "run.json"
@@ -114,7 +114,7 @@ class OutputDir:
     # ----------------------------------------------------------------------------- lifecycle
     def clean(self, written: list[str]) -> None:
         """Remove what mimo-shard writes: the manifest, state, stores and copied files."""
-        for name in [MANIFEST, STATE_DIR, *written]:
+        for name in [MANIFEST, TABLES, STATE_DIR, *written]:
             p = self.path / name
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
@@ -159,8 +159,12 @@ class OutputDir:
         self._journal.flush()
         os.fsync(self._journal.fileno())
 
-    def finish(self, manifest: dict[str, Any]) -> None:
-        """Write ``manifest.json`` atomically (the commit point) and drop the state folder."""
+    def finish(self, manifest: dict[str, Any], tables: dict[str, bytes]) -> None:
+        """Write the stores' array tables, then ``manifest.json`` atomically (the commit point),
+        and drop the state folder."""
+        (self.path / TABLES).mkdir(exist_ok=True)
+        for store, data in tables.items():
+            atomic_write(self.path / table_path(store), data)
         atomic_write(self.path / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
         if self._journal is not None:
             self._journal.close()

@@ -69,7 +69,7 @@ class ArrayWriter:
 
     def __init__(self, out: Path, spec: ArraySpec, on_bytes=None) -> None:
         self.spec = spec
-        self.path = chunk_path(out, spec.store, spec.path, spec.shape)
+        self.path = Path(chunk_path(out, spec.store, spec.path, spec.shape))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.partial")
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)

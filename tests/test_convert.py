@@ -24,6 +24,19 @@ from tests.conftest import ROOT
 from tests.oracle import dequantised_state
 
 SCHEMA = json.loads((ROOT / "manifests" / "manifest.schema.json").read_text())
+TABLE_SCHEMA = {"$defs": SCHEMA["$defs"], "$ref": "#/$defs/arrayTable"}
+
+
+def load_output(out: Path) -> dict:
+    """The manifest with every store's array records (schema-checked) under ``"arrays"``."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    jsonschema.validate(manifest, SCHEMA)
+    arrays = []
+    for entry in manifest["stores"].values():
+        table = json.loads((out / entry["table"]).read_text())
+        jsonschema.validate(table, TABLE_SCHEMA)
+        arrays += table["arrays"]
+    return manifest | {"arrays": arrays}
 
 
 def read_store_array(out: Path, store: str, path: str) -> np.ndarray:
@@ -113,8 +126,7 @@ def expected_arrays(
 def test_every_array_is_the_expected_slice(tiny_ckpt, tmp_path, devices):
     out = tmp_path / "out"
     summary = convert(LocalSource(tiny_ckpt), out, devices, progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
-    jsonschema.validate(manifest, SCHEMA)
+    manifest = load_output(out)
     want = expected_arrays(tiny_ckpt, devices)
     got = {(a["store"], a["path"]): a for a in manifest["arrays"]}
     assert set(got) == set(want)  # nothing missing, nothing extra
@@ -133,8 +145,7 @@ def test_every_array_is_the_expected_slice(tiny_ckpt, tmp_path, devices):
 def test_subsets_are_recorded_and_exact(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     convert(LocalSource(tiny_ckpt), out, 2, layers="0-3", experts="2-5,8,9", progress=False)
-    manifest = json.loads((out / "manifest.json").read_text())
-    jsonschema.validate(manifest, SCHEMA)
+    manifest = load_output(out)
     assert manifest["options"]["layers"] == [0, 1, 2, 3]
     assert manifest["options"]["experts"] == [2, 3, 4, 5, 8, 9]
     assert manifest["layout"]["expert_map"]["1"] == [[2, 3, 4], [5, 8, 9]]
@@ -166,7 +177,7 @@ def test_float32_output(tiny_ckpt, tmp_path):
 def test_manifest_records_provenance(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     convert(LocalSource(tiny_ckpt), out, 2, progress=False)
-    m = json.loads((out / "manifest.json").read_text())
+    m = load_output(out)
     assert m["format"] == "mimo-shard" and m["format_version"] == 1
     assert m["source"]["kind"] == "local" and len(m["source"]["index_sha256"]) == 64
     assert set(m["source"]["files"]) == {p.name for p in tiny_ckpt.glob("*.safetensors")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,15 @@ from loader import LoaderError, open_device
 from loader.config import MiMoConfig
 from pipeline.convert import convert
 from pipeline.source import LocalSource
-from tests.test_convert import bits, expected_arrays
+from tests.test_convert import bits, expected_arrays, load_output
+
+
+def mapped(arr: np.ndarray) -> bool:
+    """True when ``arr`` is a view of a memory-mapped file (no copy of its bytes)."""
+    base = arr
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.base if isinstance(base, np.ndarray) else base.obj
+    return isinstance(base, mmap.mmap)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +43,12 @@ def damaged(out4, tmp_path) -> Path:
 
 def test_maps_every_array_of_the_device_without_copying(out4, tiny_ckpt):
     dev = open_device(out4, 2)
-    manifest = json.loads((out4 / "manifest.json").read_text())
+    manifest = load_output(out4)
     mine = {a["path"] for a in manifest["arrays"] if a["store"] in ("shared", "device-002")}
     assert set(dev) == mine
     want = expected_arrays(tiny_ckpt, 4)
     for path, arr in dev.items():
-        assert isinstance(arr, np.memmap) and arr.mode == "r" and not arr.flags.writeable
+        assert mapped(arr) and not arr.flags.writeable  # a read-only view of the chunk file
         store = "shared" if ("shared", path) in want else "device-002"
         rec = next(a for a in manifest["arrays"] if a["store"] == store and a["path"] == path)
         assert arr.dtype.name == rec["dtype"]
@@ -64,7 +73,7 @@ def test_open_does_not_import_zarr(out4):
 
 
 def test_stores_open_with_stock_zarr(out4):
-    manifest = json.loads((out4 / "manifest.json").read_text())
+    manifest = load_output(out4)
     dev = {r: open_device(out4, r) for r in range(4)}
     groups = {}
     for a in manifest["arrays"]:
@@ -129,3 +138,15 @@ def test_verify_catches_a_flipped_bit(damaged):
     open_device(damaged, 2)  # sizes and metadata are fine: opening does not read the bytes
     with pytest.raises(LoaderError, match="device-002/layers/5/attn/qkv: checksum"):
         open_device(damaged, 2, verify=True)
+
+
+def test_refuses_a_tampered_or_missing_array_table(damaged):
+    table = damaged / "manifest.d" / "device-001.json"
+    data = table.read_text()
+    table.write_text(data.replace('"crc32:', '"crc32:0', 1))
+    with pytest.raises(LoaderError, match="does not match the sha256"):
+        open_device(damaged, 1)
+    open_device(damaged, 2)  # other devices do not read that table
+    table.unlink()
+    with pytest.raises(LoaderError, match="missing"):
+        open_device(damaged, 1)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from loader.cli import main
 from pipeline.convert import convert
 from pipeline.source import LocalSource
+from tests.test_convert import load_output
 
 
 def run(*args) -> tuple[int, str]:
@@ -35,11 +36,7 @@ def copy(out2, tmp_path) -> Path:
 
 
 def chunk(out: Path, store: str, path: str) -> Path:
-    rec = next(
-        a
-        for a in json.loads((out / "manifest.json").read_text())["arrays"]
-        if a["store"] == store and a["path"] == path
-    )
+    rec = next(a for a in load_output(out)["arrays"] if a["store"] == store and a["path"] == path)
     return out / f"{store}.zarr" / path / "/".join(["c"] + ["0"] * len(rec["shape"]))
 
 

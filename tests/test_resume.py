@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loader.checks import read_arrays
 from pipeline.synth import preset_config, write_checkpoint
 
 JOURNAL = Path(".mimo-shard") / "journal.jsonl"
@@ -53,7 +54,7 @@ def finish(p: subprocess.Popen) -> tuple[int, str]:
 
 def checksums(out: Path) -> dict[tuple[str, str], str]:
     m = json.loads((out / "manifest.json").read_text())
-    return {(a["store"], a["path"]): a["checksum"] for a in m["arrays"]}
+    return {(a["store"], a["path"]): a["checksum"] for a in read_arrays(out, m)}
 
 
 def journal_lines(out: Path) -> int:
