@@ -20,8 +20,12 @@ def _source(
     cache_dir: Path | None,
     delete_source_files: bool,
     max_source_disk: str | None,
+    progress: bool = False,
 ):
-    """A local folder, or a Hugging Face Hub repo id (``owner/name``) when no such folder exists."""
+    """A local folder, or a Hugging Face Hub repo id (``owner/name``) when no such folder exists.
+
+    ``progress`` shows a Hub source's download bar.
+    """
     from pipeline.source import LocalSource
 
     p = Path(spec)
@@ -39,6 +43,7 @@ def _source(
         cache_dir=cache_dir,
         delete_files=delete_source_files,
         max_disk=max_source_disk,
+        progress=progress,
     )
 
 
@@ -149,7 +154,9 @@ def main(
             raise InputError("SOURCE and OUT are required (or --dry-run --config FILE)")
         from pipeline.convert import convert
 
-        src = _source(source, revision, cache_dir, delete_source_files, max_source_disk)
+        src = _source(
+            source, revision, cache_dir, delete_source_files, max_source_disk, progress=not quiet
+        )
         summary = convert(
             src,
             out,

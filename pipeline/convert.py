@@ -49,6 +49,7 @@ COMMIT_SECONDS = float(os.environ.get("MIMO_SHARD_COMMIT_SECONDS", "1.0"))  # jo
 COMMIT_BYTES = 1 << 30  # ... or after this many output bytes
 BASELINE_RSS = 160 << 20  # interpreter, numpy, zarr, tqdm
 QUEUED_AHEAD = 2  # units submitted beyond the running ones (they hold no memory until they start)
+SOURCE_POLL_SECONDS = 0.05  # how often to look for downloaded files (sources that download)
 
 
 def tool_version() -> str:
@@ -241,6 +242,14 @@ def _run(
     schedule = getattr(checked.source, "schedule", None)
     if schedule is not None:
         schedule(list(dict.fromkeys(file_of[s] for u in pending for s in u.sources)))
+    # A downloading source (pipeline.hub) says which files are on disk: a unit starts once its
+    # files are there, so no worker waits for a download while holding the reader; and on error
+    # it is closed, so a unit waiting for a download gives up and the pool can shut down.
+    on_disk = getattr(checked.source, "ready", None)
+    close_source = getattr(checked.source, "close", None)
+
+    def startable(u: Unit) -> bool:
+        return on_disk is None or all(on_disk(file_of[s]) for s in u.sources)
 
     total = sum(u.out_bytes for u in pending)
     bar = tqdm(
@@ -286,11 +295,19 @@ def _run(
             while queue or running:
                 # a few units wait queued so workers stay busy while the main thread syncs
                 while queue and len(running) < workers + QUEUED_AHEAD and error is None:
+                    if not startable(queue[-1]):
+                        if running:
+                            break  # its files are downloading: look again shortly
+                        commit()  # nothing runs: release finished files, then wait in the unit
                     u = queue.pop()
                     running[pool.submit(work, u)] = u
                 if not running:
                     break
-                ready, _ = wait(running, return_when=FIRST_COMPLETED)
+                ready, _ = wait(
+                    running,
+                    timeout=SOURCE_POLL_SECONDS if on_disk is not None else None,
+                    return_when=FIRST_COMPLETED,
+                )
                 for fut in ready:
                     u = running.pop(fut)
                     try:
@@ -307,13 +324,16 @@ def _run(
                     commit()
                 if error is not None:
                     queue.clear()
+                    if close_source is not None:
+                        close_source()
         except BaseException as e:
             error = error or e
             queue.clear()
             for fut in running:
                 fut.cancel()
         finally:
-            pass
+            if error is not None and close_source is not None:
+                close_source()
     commit()  # whatever finished is durable and journaled, error or not
     bar.close()
     reader.close()
