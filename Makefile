@@ -22,6 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/mimo-shard $(DEMO)/checkpoint $(DEMO)/out --devices 4
 	$(VENV)/bin/mimo-manifest show $(DEMO)/out
 	$(VENV)/bin/mimo-manifest verify $(DEMO)/out
+	$(VENV)/bin/mimo-run $(DEMO)/out --prompt "The river ran low that summer, and" \
+	    --max-new-tokens 24 --temperature 0.8 --seed 1 --json
 
 plans: $(STAMP)
 	for n in 32 64; do \

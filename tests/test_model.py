@@ -146,8 +146,9 @@ def test_device_kernels_verbatim_equal_the_cpu_variant(outputs, reference, devic
     """CpuBackend(exact=True) runs the dense device moe_block; the default runs routed experts."""
     from runtime.backends import CpuBackend
 
-    with InProcessRanks(outputs[devices], max_seq_len=64,
-                        backend_factory=lambda r: CpuBackend(exact=True)) as m:
+    with InProcessRanks(
+        outputs[devices], max_seq_len=64, backend_factory=lambda r: CpuBackend(exact=True)
+    ) as m:
         exact = m.prefill(PROMPT)
         exact_decode = m.decode(5)
     routed, routed_decode = run(outputs[devices], lambda m: (m.prefill(PROMPT), m.decode(5)))
