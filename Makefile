@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check pipeline loader runtime tests
+	$(PY) -m ruff check pipeline loader runtime tests bench
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -34,7 +34,7 @@ plans: $(STAMP)
 	done
 
 lint: $(STAMP)
-	$(PY) -m ruff check pipeline loader runtime tests
+	$(PY) -m ruff check pipeline loader runtime tests bench
 
 clean:
 	rm -rf $(VENV) $(DEMO) bench-out .pytest_cache .ruff_cache *.egg-info

@@ -80,6 +80,11 @@ def read_arrays(
         entry = manifest["stores"].get(store)
         if entry is None:
             raise LoaderError(f"{out}: the manifest has no store {store!r}")
+        if "table" not in entry:
+            raise LoaderError(
+                f"{out}: {MANIFEST} names no array table for store {store}: "
+                "not an output this version can read; convert again"
+            )
         path = out / entry["table"]
         try:
             data = path.read_bytes()

@@ -2,7 +2,8 @@
 
 Touching fresh pages is the slow part of a large temporary array (especially on VMs that hand freed
 memory back to the host), so each worker thread keeps its buffers and reuses them, unit after unit.
-Memory stays bounded by the largest buffer of each name a thread has needed.
+Memory stays bounded by the largest buffer of each name a thread has needed. Buffers start on a
+4 KiB boundary, so whole arrays built in them can be written with direct I/O.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import numpy as np
 
 _local = threading.local()
+ALIGN = 4096
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -23,5 +25,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     n = int(np.prod(shape))
     buf = pool.get((name, dtype))
     if buf is None or buf.size < n:
-        buf = pool[(name, dtype)] = np.empty(max(n, 1), dtype)
+        raw = np.empty(max(n, 1) * dtype.itemsize + ALIGN, np.uint8)
+        start = -raw.ctypes.data % ALIGN
+        buf = pool[(name, dtype)] = raw[start : start + max(n, 1) * dtype.itemsize].view(dtype)
     return buf[:n].reshape(shape)

@@ -178,9 +178,11 @@ def _copy(ctx: UnitContext, unit: Unit) -> None:
     w = ctx.writer(spec)
     total = spec.shape[0]
     step = ctx.rows_per_chunk(name, spec.dtype)
+    tail = spec.shape[1:]
     for r0 in range(0, total, step):
         r1 = min(r0 + step, total)
-        w.rows(r0, ctx.weight(name, r0, r1, spec.dtype))
+        rows = scratch("copy", (r1 - r0, *tail), LOGICAL_DTYPES[spec.dtype])
+        w.rows(r0, ctx.weight(name, r0, r1, spec.dtype, out=rows))
 
 
 def _transpose(ctx: UnitContext, unit: Unit) -> None:

@@ -107,6 +107,22 @@ def test_missing_scale(ckpt, tmp_path):
     fails(ckpt, tmp_path / "out", name, "scale")
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.3.mlp.experts.2.gate_proj.weight_scale_inv",  # standard grid [1, 3]
+        "model.layers.5.self_attn.k_proj.weight_scale_inv",  # fused per-head grid [4, 3]
+    ],
+)
+def test_misshaped_scale(ckpt, tmp_path, name):
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    f = ckpt / index["weight_map"][name]
+    tensors = load_file(f)
+    tensors[name] = tensors[name][:, :2].contiguous()  # one column block short
+    save_file(tensors, f)
+    fails(ckpt, tmp_path / "out", index["weight_map"][name], name, "shape")
+
+
 def test_index_path_escaping_the_source_folder(ckpt, tmp_path):
     name = "model.layers.1.input_layernorm.weight"
     edit_index(ckpt, lambda wm: wm.__setitem__(name, "../outside.safetensors"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loader import LoaderError, open_device
 from loader.checks import read_arrays
 from pipeline.synth import preset_config, write_checkpoint
 
@@ -142,6 +143,8 @@ def test_killed_output_is_not_complete_and_damage_is_redone(long_ckpt, reference
     out = tmp_path / "out"
     assert kill_when(shard(long_ckpt, out), out, reference["units"] // 2)
     assert not (out / "manifest.json").exists()
+    with pytest.raises(LoaderError, match="incomplete"):
+        open_device(out, 0)  # a killed conversion is never mistaken for an output
     # a journaled unit whose chunk file vanished is redone, not trusted
     first = json.loads((out / JOURNAL).read_text().splitlines()[0])["arrays"][0]
     store = out / f"{first['store']}.zarr" / first["path"]
