@@ -27,25 +27,8 @@ from loader.checks import (
     store_metadata,
 )
 from loader.config import FULL, MOE, MiMoConfig
+from loader.display import ranges, size
 from loader.format import SHARED, device_store
-
-
-def _gb(n: int) -> str:
-    """Bytes in decimal units: 19.35 GB, 37.1 MB, 1.3 kB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _ranges(ids: list[int]) -> str:
-    out, start = [], None
-    for i, v in enumerate(ids):
-        start = v if start is None else start
-        if i + 1 == len(ids) or ids[i + 1] != v + 1:
-            out.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(out)
 
 
 def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
@@ -158,8 +141,8 @@ def show(out: Path, as_json: bool) -> None:
         (
             "options",
             f"devices {o['devices']}, dtype {o['dtype']}, layers "
-            f"{_ranges(o['layers']) if o['layers'] is not None else 'all'}, experts "
-            f"{_ranges(o['experts']) if o['experts'] is not None else 'all'}",
+            f"{ranges(o['layers'])}, experts "
+            f"{ranges(o['experts'])}",
         ),
         (
             "attention",
@@ -173,17 +156,17 @@ def show(out: Path, as_json: bool) -> None:
             f"({'contiguous' if la['contiguous_expert_map'] else 'custom'} expert map)",
         ),
         ("lm_head", f"{la['vocab_per_device']} vocabulary rows per device"),
-        ("shared", f"{_gb(st['shared']['bytes'])} in {st['shared']['arrays']} arrays"),
+        ("shared", f"{size(st['shared']['bytes'])} in {st['shared']['arrays']} arrays"),
         (
             "per device",
-            f"{_gb(st['device_bytes_max'])} in {st['device_arrays_max']} arrays"
+            f"{size(st['device_bytes_max'])} in {st['device_arrays_max']} arrays"
             + (
                 ""
                 if st["device_bytes_min"] == st["device_bytes_max"]
-                else f" (smallest {_gb(st['device_bytes_min'])})"
+                else f" (smallest {size(st['device_bytes_min'])})"
             ),
         ),
-        ("total", f"{_gb(s['totals']['bytes'])} in {s['totals']['arrays']} arrays"),
+        ("total", f"{size(s['totals']['bytes'])} in {s['totals']['arrays']} arrays"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -288,7 +271,7 @@ def verify(out: Path, device_rank: int | None, workers: int, quiet: bool) -> Non
             click.echo(f"MISMATCH {p}")
         click.echo(f"{len(problems)} of {len(arrays)} arrays do not match the manifest")
         sys.exit(1)
-    click.echo(f"verified {len(arrays)} arrays ({_gb(total)}): all match the manifest")
+    click.echo(f"verified {len(arrays)} arrays ({size(total)}): all match the manifest")
 
 
 # --------------------------------------------------------------------------------------- diff

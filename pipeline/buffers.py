@@ -2,30 +2,37 @@
 
 Touching fresh pages is the slow part of a large temporary array (especially on VMs that hand freed
 memory back to the host), so each worker thread keeps its buffers and reuses them, unit after unit.
-Memory stays bounded by the largest buffer of each name a thread has needed. Buffers start on a
-4 KiB boundary, so whole arrays built in them can be written with direct I/O.
+A thread's pool holds at most ``POOL_BYTES``: beyond that the least recently used buffers are
+dropped (a unit still using one keeps it alive until it finishes). Buffers start on a 4 KiB
+boundary, so whole arrays built in them can be written with direct I/O.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import numpy as np
 
 _local = threading.local()
 ALIGN = 4096
+POOL_BYTES = 320 << 20  # per thread: the largest unit at the real shapes (dense gate_up, 1 device)
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A C-contiguous ``shape``/``dtype`` view of this thread's buffer called ``name``."""
-    pool = getattr(_local, "pool", None)
+    pool: OrderedDict | None = getattr(_local, "pool", None)
     if pool is None:
-        pool = _local.pool = {}
+        pool = _local.pool = OrderedDict()
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape))
-    buf = pool.get((name, dtype))
+    n = max(int(np.prod(shape)), 1)
+    key = (name, dtype)
+    buf = pool.get(key)
     if buf is None or buf.size < n:
-        raw = np.empty(max(n, 1) * dtype.itemsize + ALIGN, np.uint8)
+        raw = np.empty(n * dtype.itemsize + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
-        buf = pool[(name, dtype)] = raw[start : start + max(n, 1) * dtype.itemsize].view(dtype)
-    return buf[:n].reshape(shape)
+        buf = pool[key] = raw[start : start + n * dtype.itemsize].view(dtype)
+        while len(pool) > 1 and sum(b.nbytes for b in pool.values()) > POOL_BYTES:
+            pool.popitem(last=False)  # the least recently used buffer
+    pool.move_to_end(key)
+    return buf[: int(np.prod(shape))].reshape(shape)

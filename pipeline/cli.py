@@ -11,7 +11,7 @@ import click
 
 from loader.config import ConfigError, MiMoConfig
 from pipeline.errors import InputError
-from pipeline.plan import DTYPES, Options, build_plan, parse_spec
+from pipeline.plan import DTYPES, build_plan, make_options
 
 
 def _source(
@@ -37,14 +37,17 @@ def _source(
         return LocalSource(p)
     from pipeline.hub import HubSource
 
-    return HubSource(
-        spec,
-        revision=revision,
-        cache_dir=cache_dir,
-        delete_files=delete_source_files,
-        max_disk=max_source_disk,
-        progress=progress,
-    )
+    try:
+        return HubSource(
+            spec,
+            revision=revision,
+            cache_dir=cache_dir,
+            delete_files=delete_source_files,
+            max_disk=max_source_disk,
+            progress=progress,
+        )
+    except InputError as e:
+        raise InputError(f"{e} (and there is no local folder {spec!r})") from None
 
 
 def default_workers() -> int:
@@ -169,6 +172,8 @@ def main(
             progress=not quiet,
         )
         click.echo(summary.line())
+        for warning in summary.warnings:
+            click.echo(f"mimo-shard: warning: {warning}", err=True)
     except (InputError, ConfigError) as e:
         click.echo(f"mimo-shard: error: {e}", err=True)
         sys.exit(2)
@@ -198,12 +203,7 @@ def _dry_run(
             cfg = MiMoConfig.from_file(config_file)
         except ConfigError as e:
             raise InputError(str(e)) from None
-        options = Options(
-            devices,
-            dtype,
-            parse_spec(layers, cfg.num_layers, "--layers"),
-            parse_spec(experts, cfg.n_routed_experts, "--experts"),
-        )
+        options = make_options(cfg, devices, dtype, layers, experts)
         plan, origin = build_plan(cfg, options), {"config": config_file.name}
     else:
         if source is None:

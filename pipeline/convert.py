@@ -38,9 +38,10 @@ from loader.format import (
     store_dir,
     table_path,
 )
+from pipeline.buffers import POOL_BYTES
 from pipeline.errors import InputError
 from pipeline.journal import OutputDir, atomic_write, sync_filesystem
-from pipeline.plan import Options, Plan, Unit, build_plan, parse_spec
+from pipeline.plan import Plan, Unit, build_plan, make_options
 from pipeline.source import EXTRA_FILES, Checked, Source, load_config, open_checked
 from pipeline.store import consolidate, create_store
 from pipeline.transforms import UnitContext, run_unit, working_set
@@ -71,7 +72,7 @@ class Summary:
     bytes_out: int = 0
     seconds: float = 0.0
     already_complete: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         if self.already_complete:
@@ -93,12 +94,7 @@ def make_plan(
 ) -> tuple[Plan, bytes]:
     """Read the source config and build the plan for these options (no headers read yet)."""
     raw, cfg = load_config(source)
-    options = Options(
-        devices=devices,
-        dtype=dtype,
-        layers=parse_spec(layers, cfg.num_layers, "--layers"),
-        experts=parse_spec(experts, cfg.n_routed_experts, "--experts"),
-    )
+    options = make_options(cfg, devices, dtype, layers, experts)
     return build_plan(cfg, options), raw
 
 
@@ -122,10 +118,11 @@ def fingerprint(checked: Checked, plan: Plan) -> str:
 
 
 def peak_memory(plan: Plan, workers: int) -> int:
-    """Expected peak RSS: a baseline plus ``workers`` of the largest unit working sets."""
+    """An upper estimate of peak RSS: a baseline plus, per worker, its bounded buffer pool or the
+    largest unit's working set, whichever is larger."""
     shapes = {n: s.shape for n, s in plan.inventory.items()}
-    sets = sorted((working_set(u, shapes) for u in plan.units), reverse=True)
-    return BASELINE_RSS + sum(sets[:workers])
+    largest = max(working_set(u, shapes) for u in plan.units)
+    return BASELINE_RSS + workers * max(POOL_BYTES, largest)
 
 
 def convert(
@@ -152,25 +149,26 @@ def convert(
     od.check_usable()
     summary = Summary(out)
 
-    existing = od.manifest() or od.run_info()
-    if existing is not None and existing.get("fingerprint") != fp:
-        if not force:
-            raise InputError(
-                f"{out}: holds an output of another source or other options "
-                f"({_describe(existing)}); use --force to replace it"
-            )
-        od.lock()
-        od.clean(existing.get("files", []))
-    elif od.manifest() is not None:
-        if not force:
-            summary.already_complete = True
-            return summary
-        od.lock()
-        od.clean(od.manifest().get("files", []))
-    else:
-        od.lock()
     try:
-        return _run(plan, checked, od, fp, workers, progress, summary, t0)
+        existing, complete = od.manifest() or od.run_info(), od.manifest() is not None
+    except InputError:  # damaged state: only --force may start over
+        if not force:
+            raise
+        existing, complete = {}, False
+    if existing is not None and existing.get("fingerprint") != fp and not force:
+        raise InputError(
+            f"{out}: holds an output of another source or other options "
+            f"({_describe(existing)}); use --force to replace it"
+        )
+    if complete and not force:
+        summary.already_complete = True
+        return summary
+    small = _small_files(checked)  # read before OUT is touched (a Hub source may fail here)
+    od.lock()
+    try:
+        if force and existing is not None:
+            od.clean(existing.get("files", []))  # start clean, whatever the old run was
+        return _run(plan, checked, od, fp, small, workers, progress, summary, t0)
     finally:
         od.unlock()
 
@@ -185,14 +183,14 @@ def _describe(info: dict[str, Any]) -> str:
     )
 
 
-def _copy_small_files(checked: Checked, out: Path) -> list[str]:
-    written = []
-    for name in ("config.json", *EXTRA_FILES):
-        data = checked.raw_config if name == "config.json" else checked.source.read_small(name)
+def _small_files(checked: Checked) -> dict[str, bytes]:
+    """The config (verbatim) and the tokenizer files the source has, to copy into OUT."""
+    files = {"config.json": checked.raw_config}
+    for name in EXTRA_FILES:
+        data = checked.source.read_small(name)
         if data is not None:
-            atomic_write(out / name, data)
-            written.append(name)
-    return written
+            files[name] = data
+    return files
 
 
 def _run(
@@ -200,6 +198,7 @@ def _run(
     checked: Checked,
     od: OutputDir,
     fp: str,
+    small: dict[str, bytes],
     workers: int,
     progress: bool,
     summary: Summary,
@@ -208,8 +207,8 @@ def _run(
     from pipeline.source import Reader
 
     out = od.path
-    files = _copy_small_files(checked, out)
-    od.begin(
+    files = list(small)
+    od.begin(  # first: from now on OUT is recognisably mimo-shard's, whatever happens
         {
             "fingerprint": fp,
             "options": plan.options.to_dict(),
@@ -218,6 +217,8 @@ def _run(
             "started": _now(),
         }
     )
+    for name, data in small.items():
+        atomic_write(out / name, data)
     for store in plan.stores:
         create_store(
             out, store, {"format": FORMAT, "format_version": FORMAT_VERSION, "store": store}
@@ -345,12 +346,36 @@ def _run(
     sync_filesystem(out)
     manifest, tables = build_manifest(plan, checked, fp, records, files)
     od.finish(manifest, {name: table_bytes(t) for name, t in tables.items()})
+    summary.warnings = fused_kv_warnings(records)
     summary.units = len(plan.units) - summary.resumed
     summary.arrays = manifest["totals"]["arrays"]
     summary.bytes_in = reader.bytes_read
     summary.bytes_out = sum(u.out_bytes for u in pending)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+FUSED_KV_MIN = 0.9  # share of fused K/V blocks that must reach the FP8 maximum
+
+
+def fused_kv_warnings(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Warnings for layers whose K/V codes do not support the per-head fused scale reading."""
+    per_layer: dict[str, list[int]] = {}
+    for unit, recs in records.items():
+        for r in recs:
+            c = r.get("checks", {}).get("fused_kv")
+            if c:
+                layer = unit.split("/")[1]
+                tot = per_layer.setdefault(layer, [0, 0])
+                tot[0] += c["fused_saturated"]
+                tot[1] += c["fused_blocks"]
+    return [
+        f"layer {layer}: only {ok}/{n} fused [K_h; V_h] scale blocks reach the FP8 maximum (448); "
+        "the per-head fused K/V scale reading may not fit this checkpoint: check the layer's "
+        "K/V outputs before relying on them"
+        for layer, (ok, n) in sorted(per_layer.items(), key=lambda kv: int(kv[0]))
+        if n and ok / n < FUSED_KV_MIN
+    ]
 
 
 def _records(u: Unit, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -403,6 +428,7 @@ def build_manifest(
                     "sources": list(u.sources),
                     "transform": {"name": u.transform, "params": u.params},
                     "unit": u.id,
+                    **({"checks": r["checks"]} if "checks" in r else {}),
                 }
             )
     stores = {}

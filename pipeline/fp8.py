@@ -58,38 +58,6 @@ def _tables(scales: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
     return table.view(np.uint16 if out_dtype == BF16 else np.float32).reshape(-1)
 
 
-def dequantise(
-    codes: np.ndarray,
-    scales: np.ndarray,
-    row_scale: np.ndarray,
-    block_cols: int,
-    out_dtype: np.dtype = BF16,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Dequantise ``codes [R, C]`` (float8_e4m3fn or its uint8 bits) to ``out_dtype``.
-
-    ``scales [S, ceil(C/block_cols)]`` float32; ``row_scale [R]`` gives each row's scale-grid row.
-    Returns ``out`` (allocated when None) of shape ``[R, C]``.
-    """
-    codes = np.ascontiguousarray(codes).view(np.uint8)
-    rows, cols = codes.shape
-    out_dtype = np.dtype(out_dtype)
-    if out is None:
-        out = np.empty((rows, cols), out_dtype)
-    out_bits = out.view(np.uint16 if out_dtype == BF16 else np.float32)
-    col_offset = ((np.arange(cols) // block_cols) * 256).astype(np.int32)  # [C]
-    change = np.flatnonzero(np.diff(row_scale)) + 1  # runs of rows sharing a scale-grid row
-    starts, ends = np.concatenate([[0], change]), np.concatenate([change, [rows]])
-    for r0, r1 in zip(starts.tolist(), ends.tolist(), strict=True):
-        table = _tables(scales[row_scale[r0]], out_dtype)  # [ncb * 256]
-        for s0 in range(r0, r1, 128):
-            s1 = min(s0 + 128, r1)
-            idx = scratch("idx", (s1 - s0, cols), np.dtype(np.int32))
-            np.add(codes[s0:s1], col_offset[None, :], out=idx)
-            np.take(table, idx, out=out_bits[s0:s1], mode="clip")  # indices are in range
-    return out
-
-
 def dequantise_transposed(
     codes_t: np.ndarray,
     scales: np.ndarray,
@@ -98,11 +66,12 @@ def dequantise_transposed(
     out_dtype: np.dtype = BF16,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``dequantise(codes_t.T, ...).T``: the same rule, from and to the kernel layout.
+    """Dequantise transposed codes straight into the kernel layout ``[in, out]``.
 
-    ``codes_t [C, R]`` holds the codes of weight rows ``R`` transposed; ``row_scale [R]`` the
-    scale-grid row of each weight row. ``out [C, R]`` may be a strided view (a column band of a
-    larger array). Output row ``c`` uses scale column ``c // block_cols``.
+    ``codes_t [C, R]`` holds the codes of weight rows ``R`` transposed (float8_e4m3fn or its uint8
+    bits); ``scales [S, ceil(C/block_cols)]``; ``row_scale [R]`` the scale-grid row of each weight
+    row: ``out[c, r] = cast(float32(code[r, c]) * scales[row_scale[r], c // block_cols])``.
+    ``out [C, R]`` may be a strided view (a column band of a larger array).
     """
     codes_t = codes_t.view(np.uint8)
     cols, rows = codes_t.shape
@@ -141,3 +110,42 @@ def quantise(w: np.ndarray, row_scale: np.ndarray, n_scale_rows: int, block_cols
     per_elem = np.repeat(scales[row_scale], block_cols, axis=1)[:, :cols]
     codes = np.clip(w / per_elem, -FP8_MAX, FP8_MAX).astype(FP8)
     return codes, scales
+
+
+def fused_kv_saturation(
+    k_codes: np.ndarray, v_codes: np.ndarray, head_dim: int, v_head_dim: int, block: tuple[int, int]
+) -> dict[str, int]:
+    """Evidence for the per-head fused K/V reading (reference/checkpoint.md §3.3).
+
+    Scales are ``amax / 448``, so under the grouping the checkpoint was quantised with, every
+    (128-row block, 128-column block) holds a code of magnitude 448. Counts, over the given KV heads
+    (``k_codes [heads*head_dim, C]``, ``v_codes [heads*v_head_dim, C]``), the fused blocks of
+    ``[K_h; V_h]`` that reach it, and the same for K's rows past the first block taken alone (the
+    competing "trim" reading), which a fused checkpoint often leaves below 448.
+    """
+    bm, bn = block
+    heads = k_codes.shape[0] // head_dim
+    cols = k_codes.shape[1]
+    fused = ok = alone = alone_ok = 0
+    for h in range(heads):
+        rows = np.concatenate(
+            [
+                k_codes[h * head_dim : (h + 1) * head_dim],
+                v_codes[h * v_head_dim : (h + 1) * v_head_dim],
+            ]
+        ).view(FP8)
+        mag = np.abs(rows.astype(np.float32))  # (head_dim + v_head_dim, C)
+        for r0 in range(0, mag.shape[0], bm):
+            for c0 in range(0, cols, bn):
+                top = mag[r0 : r0 + bm, c0 : c0 + bn].max()
+                fused += 1
+                ok += int(top >= FP8_MAX)
+                if r0 < head_dim < r0 + bm:  # a block straddling K and V
+                    alone += 1
+                    alone_ok += int(mag[r0:head_dim, c0 : c0 + bn].max() >= FP8_MAX)
+    return {
+        "fused_blocks": fused,
+        "fused_saturated": ok,
+        "k_tail_blocks": alone,
+        "k_tail_saturated": alone_ok,
+    }

@@ -69,14 +69,35 @@ FINAL_FILE = "model_final.safetensors"
 MTP_FILE = "model_mtp.safetensors"
 
 
-def fused_kv_blocks(head_dim: int, v_head_dim: int, block_rows: int) -> tuple[int, int]:
-    """Scale rows per KV head stored in the k grid and in the v grid under the fused rule.
+def scale_name(weight: str) -> str:
+    """The scale grid of an FP8 weight: ``...q_proj.weight`` -> ``...q_proj.weight_scale_inv``."""
+    return weight[: -len("weight")] + SCALE_SUFFIX
+
+
+@dataclass(frozen=True)
+class KVGridRows:
+    """Scale-grid rows of a layer's k and v under the two readings of the checkpoint."""
+
+    fused_k: int  # kv_heads * ceil(head_dim / 128): 8 for the real full layers
+    fused_v: int  # kv_heads * (blocks of [K_h; V_h] past K): 4
+    standard_k: int  # ceil(kv_heads * head_dim / 128): 6
+    standard_v: int  # ceil(kv_heads * v_head_dim / 128): 4
+
+
+def kv_grid_rows(spec: LayerSpec, block_rows: int) -> KVGridRows:
+    """Grid rows of k and v, fused per head ``[K_h; V_h]`` (full layers) or standard.
 
     Each head's ``[K_h (head_dim rows); V_h (v_head_dim rows)]`` is cut into ``block_rows`` blocks;
-    blocks starting inside K live in k's grid, the rest in v's. Real model: (2, 1).
+    blocks starting inside K live in k's grid, the rest in v's. Real model per head: (2, 1).
     """
-    k_blocks = ceil_div(head_dim, block_rows)
-    return k_blocks, ceil_div(head_dim + v_head_dim, block_rows) - k_blocks
+    k_blocks = ceil_div(spec.head_dim, block_rows)
+    v_blocks = ceil_div(spec.head_dim + spec.v_head_dim, block_rows) - k_blocks
+    return KVGridRows(
+        fused_k=spec.kv_heads * k_blocks,
+        fused_v=spec.kv_heads * v_blocks,
+        standard_k=ceil_div(spec.kv_heads * spec.head_dim, block_rows),
+        standard_v=ceil_div(spec.kv_heads * spec.v_head_dim, block_rows),
+    )
 
 
 def scale_shape(cfg: MiMoConfig, rows: int, cols: int) -> tuple[int, int]:
@@ -131,9 +152,9 @@ def attention_tensors(
     v_rows = spec.kv_heads * spec.v_head_dim
     k_grid = v_grid = None
     if spec.attention == FULL and cfg.quant is not None:
-        kb, vb = fused_kv_blocks(spec.head_dim, spec.v_head_dim, cfg.quant.block[0])
+        rows = kv_grid_rows(spec, cfg.quant.block[0])
         ncols = ceil_div(h, cfg.quant.block[1])
-        k_grid, v_grid = (spec.kv_heads * kb, ncols), (spec.kv_heads * vb, ncols)
+        k_grid, v_grid = (rows.fused_k, ncols), (rows.fused_v, ncols)
     yield from _linear(cfg, f"{prefix}.q_proj", q_rows, h, file)
     yield from _linear(cfg, f"{prefix}.k_proj", k_rows, h, file, k_grid)
     yield from _linear(cfg, f"{prefix}.v_proj", v_rows, h, file, v_grid)

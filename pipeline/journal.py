@@ -57,6 +57,19 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file of mimo-shard's, or None when absent; damage is an InputError."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: damaged ({e}); use --force to start over") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: damaged (not a JSON object); use --force to start over")
+    return data
+
+
 class OutputDir:
     """The output folder of one conversion."""
 
@@ -68,12 +81,10 @@ class OutputDir:
 
     # --------------------------------------------------------------------------- inspection
     def manifest(self) -> dict[str, Any] | None:
-        p = self.path / MANIFEST
-        return json.loads(p.read_text()) if p.is_file() else None
+        return _read_json(self.path / MANIFEST)
 
     def run_info(self) -> dict[str, Any] | None:
-        p = self.state / RUN
-        return json.loads(p.read_text()) if p.is_file() else None
+        return _read_json(self.state / RUN)
 
     def is_ours(self) -> bool:
         return (self.path / MANIFEST).is_file() or (self.state / RUN).is_file()
@@ -113,8 +124,14 @@ class OutputDir:
 
     # ----------------------------------------------------------------------------- lifecycle
     def clean(self, written: list[str]) -> None:
-        """Remove what mimo-shard writes: the manifest, state, stores and copied files."""
-        for name in [MANIFEST, TABLES, STATE_DIR, *written]:
+        """Remove what mimo-shard writes: the manifest, state, stores and copied files.
+
+        Only plain names directly inside OUT are removed, whatever ``written`` says.
+        """
+        plain = [
+            n for n in written if isinstance(n, str) and n and "/" not in n and n not in ("..", ".")
+        ]
+        for name in [MANIFEST, TABLES, STATE_DIR, *plain]:
             p = self.path / name
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)

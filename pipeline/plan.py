@@ -23,7 +23,7 @@ from typing import Any
 from loader.config import MOE, MiMoConfig
 from loader.format import SHARED, device_store, nbytes
 from pipeline.errors import InputError
-from pipeline.inventory import SCALE_SUFFIX, TensorSpec, hub_inventory
+from pipeline.inventory import TensorSpec, hub_inventory, scale_name
 
 DTYPES = ("bfloat16", "float32")
 
@@ -103,7 +103,7 @@ class Plan:
         return self.options.layers or tuple(range(self.config.num_layers))
 
     def source_bytes(self) -> int:
-        """Bytes of source tensors the plan reads (each distinct tensor once)."""
+        """Bytes of the distinct source tensors the plan reads."""
         names = {s for u in self.units for s in u.sources}
         return sum(self.inventory[n].nbytes for n in names)
 
@@ -133,6 +133,22 @@ def parse_spec(spec: str | None, limit: int, option: str) -> tuple[int, ...] | N
     if len(set(out)) != len(out):
         raise InputError(f"{option} {spec!r}: repeated values")
     return tuple(sorted(out))
+
+
+def make_options(
+    cfg: MiMoConfig,
+    devices: int,
+    dtype: str = "bfloat16",
+    layers: str | None = None,
+    experts: str | None = None,
+) -> Options:
+    """Options from command-line values; ``--layers``/``--experts`` are checked against ``cfg``."""
+    return Options(
+        devices=devices,
+        dtype=dtype,
+        layers=parse_spec(layers, cfg.num_layers, "--layers"),
+        experts=parse_spec(experts, cfg.n_routed_experts, "--experts"),
+    )
 
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:
@@ -201,7 +217,7 @@ def build_plan(cfg: MiMoConfig, options: Options) -> Plan:
         out = []
         for name in names:
             out.append(name)
-            scale = name.replace(".weight", "." + SCALE_SUFFIX)
+            scale = scale_name(name)
             if name.endswith(".weight") and scale in inventory:
                 out.append(scale)
         return tuple(out)

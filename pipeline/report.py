@@ -6,26 +6,11 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+from loader.display import ranges, size
 from loader.format import SHARED
 from pipeline.plan import Plan
 
 METADATA_BYTES_PER_ARRAY = 1024  # zarr.json of an array and its share of group metadata
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:,.2f} GB"
-
-
-def _layers_text(layers: list[int]) -> str:
-    """[0, 1, 2, 3, 5] -> '0-3,5'."""
-    out, start = [], None
-    for i, v in enumerate(layers):
-        if start is None:
-            start = v
-        if i + 1 == len(layers) or layers[i + 1] != v + 1:
-            out.append(f"{start}" if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(out)
 
 
 def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +42,8 @@ def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) ->
         if m and int(m.group(1)) not in k["layers"]:
             k["layers"].append(int(m.group(1)))
     for k in kinds.values():
-        k["layers"] = _layers_text(k["layers"]) if k["layers"] else None
+        k["layer_count"] = len(k["layers"])
+        k["layers"] = ranges(k["layers"]) if k["layers"] else None
     total = sum(per_store.values())
     n_arrays = sum(counts.values())
     return {
@@ -82,7 +68,7 @@ def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) ->
             "metadata_estimate": n_arrays * METADATA_BYTES_PER_ARRAY,
         },
         "disk_total": total + n_arrays * METADATA_BYTES_PER_ARRAY,
-        "source_bytes_read": plan.source_bytes(),
+        "source_bytes": plan.source_bytes(),
         "workers": workers,
         "expected_peak_memory": peak,
         "kinds": list(kinds.values()),
@@ -99,11 +85,11 @@ def plan_report(s: dict[str, Any]) -> str:
         f"  model        {s['config']['layers']} layers, {s['config']['experts']} experts, "
         f"hidden {s['config']['hidden_size']}, vocab {s['config']['vocab_size']}",
         f"  options      devices {o['devices']}, dtype {o['dtype']}, "
-        f"layers {_subset(o['layers'])}, experts {_subset(o['experts'])}",
-        f"  per device   {_gb(b['per_device_max'])} in {s['arrays_per_device']} arrays",
-        f"  shared       {_gb(b['shared'])}",
-        f"  total disk   {_gb(s['disk_total'])} ({s['arrays']} arrays, {s['units']} units)",
-        f"  source read  {_gb(s['source_bytes_read'])}",
+        f"layers {ranges(o['layers'])}, experts {ranges(o['experts'])}",
+        f"  per device   {size(b['per_device_max'])} in {s['arrays_per_device']} arrays",
+        f"  shared       {size(b['shared'])}",
+        f"  total disk   {size(s['disk_total'])} ({s['arrays']} arrays, {s['units']} units)",
+        f"  source data  {size(s['source_bytes'])} (replicated KV heads are read by each device)",
         f"  peak memory  {s['expected_peak_memory'] / 1e9:.2f} GB expected "
         f"with {s['workers']} workers",
         "",
@@ -113,21 +99,9 @@ def plan_report(s: dict[str, Any]) -> str:
         shape = "x".join(str(d) for d in k["shape"])
         layers = k["layers"] or "-"
         if len(layers) > 14:
-            layers = f"{_count(layers)} layers"
+            layers = f"{k['layer_count']} layers"
         lines.append(
             f"  {k['store']:7} {k['path']:28} {shape:>22} {k['dtype']:>9} "
             f"{layers:>14} {k['bytes']:>12,}"
         )
     return "\n".join(lines)
-
-
-def _count(layers: str) -> int:
-    n = 0
-    for part in layers.split(","):
-        a, _, b = part.partition("-")
-        n += int(b or a) - int(a) + 1
-    return n
-
-
-def _subset(v: list[int] | None) -> str:
-    return "all" if v is None else _layers_text(v)

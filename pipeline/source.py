@@ -25,7 +25,7 @@ import numpy as np
 
 from loader.config import ConfigError, MiMoConfig
 from pipeline.errors import InputError
-from pipeline.inventory import SCALE_SUFFIX, TensorSpec, ceil_div
+from pipeline.inventory import SCALE_SUFFIX, TensorSpec, kv_grid_rows
 from pipeline.safetensors_io import Header, TensorEntry, read_header, read_rows
 
 INDEX = "model.safetensors.index.json"
@@ -198,9 +198,7 @@ def _check_entry(cfg: MiMoConfig, spec: TensorSpec, entry: TensorEntry, file: st
     if spec.name.endswith(f"k_proj.{SCALE_SUFFIX}") and spec.name.startswith("model.layers."):
         # a full-attention k grid is per-head fused ([8, 32]); a standard grid is accepted too
         layer = cfg.layer(int(spec.name.split(".")[2]))
-        allowed.append(
-            (ceil_div(layer.kv_heads * layer.head_dim, cfg.quant.block[0]), spec.shape[1])
-        )
+        allowed.append((kv_grid_rows(layer, cfg.quant.block[0]).standard_k, spec.shape[1]))
     if entry.shape not in allowed:
         raise InputError(
             f"{where} has shape {list(entry.shape)}; the config implies {list(spec.shape)}"

@@ -14,6 +14,7 @@ filesystems without direct I/O, use ordinary writes; durability comes from the c
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import uuid
@@ -90,6 +91,7 @@ class ArrayWriter:
         self.next = 0  # file offset up to which the CRC has been computed in order
         self.crc = 0
         self.on_bytes = on_bytes
+        self.checks: dict = {}  # evidence gathered while writing, recorded in the manifest
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         if offset == self.next:
@@ -104,8 +106,14 @@ class ArrayWriter:
             and offset % ALIGN == 0
             and _address(data) % ALIGN == 0
         ):
-            _write_all(self.direct, data[:aligned], offset)
-            data, offset = data[aligned:], offset + aligned
+            try:
+                _write_all(self.direct, data[:aligned], offset)
+                data, offset = data[aligned:], offset + aligned
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(self.direct)  # the filesystem opened O_DIRECT but refuses to write it
+                self.direct = None
         _write_all(self.fd, data, offset)
 
     def rows(self, row0: int, block: np.ndarray) -> None:
@@ -142,7 +150,8 @@ class ArrayWriter:
             raise RuntimeError(f"{self.spec.path}: wrote {self.written} of {self.nbytes} bytes")
         checksum = f"crc32:{self.crc:08x}" if self.next == self.nbytes else crc32_file(self.tmp)
         os.replace(self.tmp, self.path)
-        return {"bytes": self.nbytes, "checksum": checksum}
+        record = {"bytes": self.nbytes, "checksum": checksum}
+        return record | ({"checks": self.checks} if self.checks else {})
 
     def _close(self) -> None:
         for fd in (self.fd, self.direct):

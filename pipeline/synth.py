@@ -34,6 +34,7 @@ from pipeline.inventory import (
     SCALE_SUFFIX,
     TensorSpec,
     hub_inventory,
+    scale_name,
 )
 from pipeline.safetensors_io import NUMPY_DTYPE, StreamingWriter
 from pipeline.tokenizer import write_tokenizer
@@ -183,14 +184,14 @@ def _write_file(
             kv = np.concatenate(
                 [draw(spec.name, spec.shape, seed), draw(v_name, v_spec.shape, seed)]
             )
-            k_grid = by_name[spec.name.replace("weight", SCALE_SUFFIX)].shape
-            v_grid = by_name[v_name.replace("weight", SCALE_SUFFIX)].shape
+            k_grid = by_name[scale_name(spec.name)].shape
+            v_grid = by_name[scale_name(v_name)].shape
             codes, scales = quantise(kv, np.concatenate([k_map, v_map]), k_grid[0] + v_grid[0], bn)
             k_rows = spec.shape[0]
             w.write(spec.name, codes[:k_rows])
             w.write(v_name, codes[k_rows:])
-            w.write(spec.name.replace("weight", SCALE_SUFFIX), scales[: k_grid[0]])
-            w.write(v_name.replace("weight", SCALE_SUFFIX), scales[k_grid[0] :])
+            w.write(scale_name(spec.name), scales[: k_grid[0]])
+            w.write(scale_name(v_name), scales[k_grid[0] :])
             bar.update(spec.nbytes + v_spec.nbytes)
             continue
         step = chunk_rows(spec.shape)
@@ -209,7 +210,7 @@ def _write_file(
                 w.write(spec.name, vals.astype(NUMPY_DTYPE[spec.dtype]), r0 * row_bytes)
             bar.update((r1 - r0) * row_bytes)
         if spec.dtype == F8:
-            w.write(spec.name.replace("weight", SCALE_SUFFIX), np.concatenate(scale_parts))
+            w.write(scale_name(spec.name), np.concatenate(scale_parts))
 
 
 def write_checkpoint(

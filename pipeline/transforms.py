@@ -30,8 +30,13 @@ from loader.config import MiMoConfig
 from loader.format import LOGICAL_DTYPES
 from pipeline.buffers import scratch
 from pipeline.errors import InputError
-from pipeline.fp8 import dequantise, dequantise_transposed, fused_kv_row_scales, standard_row_scales
-from pipeline.inventory import F8, SCALE_SUFFIX, ceil_div, fused_kv_blocks
+from pipeline.fp8 import (
+    dequantise_transposed,
+    fused_kv_row_scales,
+    fused_kv_saturation,
+    standard_row_scales,
+)
+from pipeline.inventory import F8, ITEMSIZE, ceil_div, kv_grid_rows, scale_name
 from pipeline.plan import ArraySpec, Unit
 from pipeline.source import Reader
 from pipeline.store import ArrayWriter, create_array_metadata
@@ -80,17 +85,18 @@ class UnitContext:
         dtype: str = "bfloat16",
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Rows ``[r0, r1)`` of ``name`` as ``dtype``: FP8 dequantised, or cast."""
-        dt = LOGICAL_DTYPES[dtype]
+        """Rows ``[r0, r1)`` of the float tensor ``name``, cast to ``dtype``.
+
+        FP8 weights are only ever read transposed (:meth:`transposed_rows`).
+        """
+        if self.reader.checked.entry(name).dtype == F8:
+            raise ValueError(f"{name}: FP8 tensors are read with transposed_rows")
         r1 = self.reader.shape(name)[0] if r1 is None else r1
         codes = self._raw(name, r0, r1)
-        if self.reader.checked.entry(name).dtype != F8:
-            if out is None:
-                return codes.astype(dt)
-            out[...] = codes
-            return out
-        grid, row_scale = self.scale_rule(name)
-        return dequantise(codes, grid, row_scale[r0:r1], self.cfg.quant.block[1], dt, out)
+        if out is None:
+            return codes.astype(LOGICAL_DTYPES[dtype])
+        out[...] = codes
+        return out
 
     def scale_rule(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(scale grid, grid row of every weight row) of the FP8 weight ``name``.
@@ -103,20 +109,20 @@ class UnitContext:
             return self._rules[name]
         rows, cols = self.reader.shape(name)
         bm, bn = self.cfg.quant.block
-        scale_name = name.replace("weight", SCALE_SUFFIX)
         parts = name.split(".")
         rule = None
         if parts[-2] in ("k_proj", "v_proj") and parts[:2] == ["model", "layers"]:
             spec = self.cfg.layer(int(parts[2]))
             prefix = ".".join(parts[:-2])
-            k_grid = self.reader.raw(f"{prefix}.k_proj.{SCALE_SUFFIX}")
-            kb, vb = fused_kv_blocks(spec.head_dim, spec.v_head_dim, bm)
-            if k_grid.shape[0] == spec.kv_heads * kb != ceil_div(spec.kv_heads * spec.head_dim, bm):
-                v_grid = self.reader.raw(f"{prefix}.v_proj.{SCALE_SUFFIX}")
-                want = (spec.kv_heads * vb, ceil_div(cols, bn))
+            k_grid = self.reader.raw(scale_name(f"{prefix}.k_proj.weight"))
+            grid_rows = kv_grid_rows(spec, bm)
+            if k_grid.shape[0] == grid_rows.fused_k != grid_rows.standard_k:
+                v_scale = scale_name(f"{prefix}.v_proj.weight")
+                v_grid = self.reader.raw(v_scale)
+                want = (grid_rows.fused_v, ceil_div(cols, bn))
                 if v_grid.shape != want:
                     raise InputError(
-                        f"tensor '{prefix}.v_proj.{SCALE_SUFFIX}' has shape {list(v_grid.shape)}; "
+                        f"tensor '{v_scale}' has shape {list(v_grid.shape)}; "
                         f"with the fused k grid it must be {list(want)}"
                     )
                 k_map, v_map = fused_kv_row_scales(
@@ -125,16 +131,23 @@ class UnitContext:
                 grid = np.concatenate([k_grid, v_grid])
                 rule = (grid, k_map if parts[-2] == "k_proj" else v_map)
         if rule is None:
-            scale = self.reader.raw(scale_name)
+            scale = self.reader.raw(scale_name(name))
             want = (ceil_div(rows, bm), ceil_div(cols, bn))
             if scale.shape != want:
                 raise InputError(
-                    f"tensor '{scale_name}' has shape {list(scale.shape)}; a {[rows, cols]} "
+                    f"tensor '{scale_name(name)}' has shape {list(scale.shape)}; a {[rows, cols]} "
                     f"weight needs {list(want)}"
                 )
             rule = (scale, standard_row_scales(rows, bm))
         self._rules[name] = rule
         return rule
+
+    def is_fused_kv(self, name: str) -> bool:
+        """Whether the FP8 weight ``name`` is read with the per-head fused K/V rule."""
+        if self.reader.checked.entry(name).dtype != F8:
+            return False
+        grid, _ = self.scale_rule(name)
+        return grid.shape[0] != ceil_div(self.reader.shape(name)[0], self.cfg.quant.block[0])
 
     def transposed_rows(self, name: str, r0: int, r1: int, dtype: str, dst: np.ndarray) -> None:
         """``dst[:, :] = weight(name)[r0:r1].T`` in bounded chunks; ``dst`` is ``[C, r1-r0]``.
@@ -167,8 +180,8 @@ class UnitContext:
                 transpose_into(raw.astype(dt), band)
 
     def _raw(self, name: str, r0: int, r1: int) -> np.ndarray:
-        shape = self.reader.shape(name)
-        nraw = (r1 - r0) * int(np.prod(shape[1:])) * 4  # enough for any stored dtype
+        entry = self.reader.checked.entry(name)
+        nraw = (r1 - r0) * int(np.prod(entry.shape[1:])) * ITEMSIZE[entry.dtype]
         return self.reader.raw(name, r0, r1, scratch("raw", (nraw,), np.dtype(np.uint8)))
 
 
@@ -230,7 +243,16 @@ def _qkv(ctx: UnitContext, unit: Unit) -> None:
     for name, r0, r1 in ((q, h0 * d, h1 * d), (k, g0 * d, g1 * d), (v, g0 * dv, g1 * dv)):
         ctx.transposed_rows(name, r0, r1, spec.dtype, out[:, col : col + r1 - r0])
         col += r1 - r0
-    ctx.writer(spec).rows(0, out)
+    w = ctx.writer(spec)
+    w.rows(0, out)
+    if ctx.is_fused_kv(k):  # the fused reading is inferred: measure the evidence for it
+        w.checks["fused_kv"] = fused_kv_saturation(
+            ctx.reader.raw(k, g0 * d, g1 * d),
+            ctx.reader.raw(v, g0 * dv, g1 * dv),
+            d,
+            dv,
+            ctx.cfg.quant.block,
+        )
 
 
 def _gate_up(ctx: UnitContext, unit: Unit) -> None:
@@ -279,16 +301,17 @@ TRANSFORMS: dict[str, Callable[[UnitContext, Unit], None]] = {
 
 
 def working_set(unit: Unit, source_shapes: dict[str, tuple[int, ...]]) -> int:
-    """Bytes a unit holds at once (its in-memory output or tile plus a few source chunks)."""
+    """Bytes a unit holds at once: its in-memory output (or output tile) and one source chunk
+    (raw rows, or FP8 codes and their transpose at half a chunk each)."""
     out = max(a.nbytes for a in unit.outputs)
     if unit.transform == "transpose_split":
         rows, cols = source_shapes[unit.sources[0]]
         out = rows * cols * LOGICAL_DTYPES[unit.outputs[0].dtype].itemsize
-    elif unit.transform == "transpose" and out > IN_MEMORY_LIMIT:
-        out = CHUNK_BYTES
+    elif unit.transform == "copy" or (unit.transform == "transpose" and out > IN_MEMORY_LIMIT):
+        out = min(out, CHUNK_BYTES)  # streamed in chunks or tiles
     elif unit.transform.startswith("experts_"):
-        out = out // unit.outputs[0].shape[0]
-    return min(out, IN_MEMORY_LIMIT) + 3 * min(CHUNK_BYTES, 2 * out)
+        out = out // unit.outputs[0].shape[0]  # one expert's slab at a time
+    return out + CHUNK_BYTES
 
 
 def run_unit(ctx: UnitContext, unit: Unit) -> list[dict]:

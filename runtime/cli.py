@@ -39,6 +39,29 @@ def _tokenizer(out: Path):
     return Tokenizer.from_file(str(path))
 
 
+def eos_token_ids(out: Path, config_eos: int | None, tok) -> frozenset[int]:
+    """End-of-sequence ids: the config's, ``generation_config.json``'s and the tokenizer's.
+
+    The real MiMo-V2-Flash config has no ``eos_token_id``; its generation config and tokenizer do.
+    """
+    ids = set() if config_eos is None else {config_eos}
+    gen = _json(out / "generation_config.json").get("eos_token_id")
+    ids.update(gen if isinstance(gen, list) else [gen] if isinstance(gen, int) else [])
+    token = _json(out / "tokenizer_config.json").get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    if tok is not None and isinstance(token, str) and tok.token_to_id(token) is not None:
+        ids.add(tok.token_to_id(token))
+    return frozenset(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _input_ids(out: Path, prompt: str | None, input_ids: str | None, vocab: int, tok) -> list[int]:
     if (prompt is None) == (input_ids is None):
         raise RunError("give exactly one of --prompt TEXT or --input-ids 1,2,3")
@@ -162,7 +185,8 @@ def main(
         if len(ids) > seq_len:
             raise RunError(f"the prompt has {len(ids)} tokens, more than --max-seq-len {seq_len}")
         model, comm = _build(out, mode, rank, world, seq_len, backend, verify, manifest)
-        result = generate(model, ids, max_new_tokens, sampling, cfg.eos_token_id, seq_len)
+        eos = eos_token_ids(out, cfg.eos_token_id, tok)
+        result = generate(model, ids, max_new_tokens, sampling, eos, seq_len)
         if rank == 0:
             _report(result, tok, logits_out, as_json, model.notices, mode, world)
     except (RunError, LoaderError, SequenceTooLong, ValueError) as e:

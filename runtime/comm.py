@@ -27,8 +27,6 @@ class Communicator(Protocol):
 
     def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray: ...
 
-    def barrier(self) -> None: ...
-
 
 def sum_in_rank_order(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     """The ranks' parts summed in rank order in float32: the same bits whatever the timing."""
@@ -53,9 +51,6 @@ class SingleRank:
 
     def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
         return x
-
-    def barrier(self) -> None:
-        pass
 
 
 class _Shared:
@@ -95,9 +90,6 @@ class ThreadGroup:
 
     def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
         return np.concatenate(self._exchange(x), axis=axis)
-
-    def barrier(self) -> None:
-        self._s.barrier.wait()
 
     def abort(self) -> None:
         """Release every rank blocked in a collective (they raise BrokenBarrierError)."""

@@ -65,9 +65,6 @@ class TorchDistributed:
     def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
         return np.concatenate(self._gather(x), axis=axis)
 
-    def barrier(self) -> None:
-        self._dist.barrier()
-
     def close(self) -> None:
         if self._dist.is_initialized():
             self._dist.destroy_process_group()

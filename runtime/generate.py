@@ -47,10 +47,10 @@ def generate(
     input_ids: list[int],
     max_new_tokens: int,
     sampling: Sampling = Sampling(),
-    eos_token_id: int | None = None,
+    eos_token_ids: frozenset[int] = frozenset(),
     max_seq_len: int | None = None,
 ) -> Generation:
-    """Up to ``max_new_tokens`` tokens after ``input_ids``; stops after ``eos_token_id``."""
+    """Up to ``max_new_tokens`` tokens after ``input_ids``; stops after any of ``eos_token_ids``."""
     rng = np.random.default_rng(sampling.seed)
     vocab_top_k = None
 
@@ -78,7 +78,7 @@ def generate(
         # n tokens need n - 1 decode steps after the prompt: T + n - 1 positions
         limit = max_seq_len - len(input_ids) + 1 if max_seq_len is not None else max_new_tokens
         while len(out) < max_new_tokens:
-            if eos_token_id is not None and out[-1] == eos_token_id:
+            if out[-1] in eos_token_ids:
                 stopped = "eos"
                 break
             if len(out) >= limit:
@@ -87,7 +87,7 @@ def generate(
             t = time.perf_counter()
             out.append(choose(model.decode(out[-1])))
             decode_s += time.perf_counter() - t
-        if eos_token_id is not None and out[-1] == eos_token_id and stopped == "max_new_tokens":
+        if out[-1] in eos_token_ids and stopped == "max_new_tokens":
             stopped = "eos"
     else:
         ttft = t1 - t0

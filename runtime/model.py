@@ -185,6 +185,7 @@ class RankModel:
             cos, sin = tables[key]
             h = run(rmsnorm, {"x": x, "weight": w["input_norm"]}, {"eps": eps})
             args = {
+                **({"sinks": w["sinks"]} if "sinks" in w else {}),
                 "x": h,
                 "qkv_w": w["qkv_w"],
                 "o_w": w["o_w"],
@@ -203,7 +204,6 @@ class RankModel:
             else:
                 ring = layer.cache["ring_k"].shape[0]
                 args["slots"] = (positions[-min(tokens, ring) :] % ring).astype(np.int32)
-                args["sinks"] = w["sinks"]
                 a = run(
                     attention_swa,
                     args,

@@ -202,3 +202,22 @@ def test_full_disk_is_reported_and_resumable(ckpt, tmp_path, monkeypatch):
     assert code == 0, text
     assert (out / "manifest.json").exists()
     assert not list(out.glob("*.zarr/**/*.partial"))
+
+
+def test_damaged_state_is_refused_unless_force(ckpt, tmp_path):
+    out = tmp_path / "out"
+    code, text = run(ckpt, out, "--devices", 2)
+    assert code == 0, text
+    (out / "manifest.json").write_text("{damaged")
+    code, text = run(ckpt, out, "--devices", 2)
+    assert code == 2 and "manifest.json" in text and "damaged" in text and "--force" in text
+    code, text = run(ckpt, out, "--devices", 2, "--force")
+    assert code == 0, text
+    assert (out / "manifest.json").read_text().startswith("{")
+
+
+def test_a_missing_folder_that_looks_like_a_repo_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing leaves the machine
+    monkeypatch.chdir(tmp_path)
+    code, text = run("nosuch/folder", tmp_path / "out", "--devices", 2)
+    assert code == 2 and "there is no local folder 'nosuch/folder'" in text

@@ -99,17 +99,22 @@ def _projected(x, w, pos, heads, kv, d, dv, theta=5e6):
     return q, k, v, cos, sin
 
 
-def test_attention_full_prefill_then_decode():
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_attention_full_prefill_then_decode(with_sinks):
+    """MiMo-V2-Flash's full layers have no sinks; a config may give them some."""
     h, heads, kv, d, dv, seq = 32, 4, 2, 192, 128, 12
     w, o = _qkv(h, heads, kv, d, dv), randn(heads * dv, h, scale=0.1)
     x = randn(seq, h)
     pos = np.arange(seq, dtype=np.int32)
     q, k, v, cos, sin = _projected(x, w, pos, heads, kv, d, dv)
-    want = ref_attention(q, k, v, lambda i, s: s <= i) @ o
+    sinks = randn(heads) if with_sinks else None
+    want = ref_attention(q, k, v, lambda i, s: s <= i, sinks) @ o
     ck, cv = np.zeros((16, kv, d), np.float32), np.zeros((16, kv, dv), np.float32)
     static = dict(
         heads=heads, kv_heads=kv, head_dim=d, v_head_dim=dv, value_scale=0.707, comm=SingleRank()
     )
+    if with_sinks:
+        static["sinks"] = sinks
     got = attention_full(x[:9], w, o, ck, cv, pos[:9], cos[:9], sin[:9], **static)
     for t in range(9, seq):  # decode: one token at a time against the cache
         got = np.concatenate(
@@ -132,12 +137,13 @@ def test_attention_full_prefill_then_decode():
     np.testing.assert_allclose(ck[:seq], k, rtol=1e-4, atol=1e-5)  # the cache holds every k
 
 
+@pytest.mark.parametrize("with_sinks", [True, False])
 @pytest.mark.parametrize("split", [30, 3, 1])
-def test_attention_swa_window_sinks_and_ring(split):
+def test_attention_swa_window_sinks_and_ring(split, with_sinks):
     """A window of 9 keys (ring of 8), a prompt of 30: prefill ``split`` tokens, decode the rest."""
     h, heads, kv, d, dv, seq, window = 32, 4, 2, 192, 128, 30, 9
     w, o = _qkv(h, heads, kv, d, dv), randn(heads * dv, h, scale=0.1)
-    sinks = randn(heads)
+    sinks = randn(heads) if with_sinks else None
     x = randn(seq, h)
     pos = np.arange(seq, dtype=np.int32)
     q, k, v, cos, sin = _projected(x, w, pos, heads, kv, d, dv, theta=1e4)
@@ -163,7 +169,6 @@ def test_attention_swa_window_sinks_and_ring(split):
                 x[start:stop],
                 w,
                 o,
-                sinks,
                 rk,
                 rv,
                 rp,
@@ -172,6 +177,7 @@ def test_attention_swa_window_sinks_and_ring(split):
                 cos[start:stop],
                 sin[start:stop],
                 **static,
+                **({"sinks": sinks} if sinks is not None else {}),
             )
         )
         start = stop

@@ -42,5 +42,5 @@ def test_real_plan_at_32_devices():
     assert layout["0"][9] == {"q_heads": [18, 20], "kv_heads": [1, 2]}
     assert layout["1"][9] == {"q_heads": [18, 20], "kv_heads": [2, 3]}  # 8 KV heads: groups of 8
     assert plan.layout["expert_map"]["47"][31] == list(range(248, 256))
-    assert summary["source_bytes_read"] == 311_862_258_560  # every main-model byte, once
+    assert summary["source_bytes"] == 311_862_258_560  # every main-model tensor, none twice
     assert summary["expected_peak_memory"] < 2e9

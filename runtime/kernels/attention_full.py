@@ -68,8 +68,13 @@ def attention_full(
     v_head_dim: int,
     value_scale: float,
     comm,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
-    """x (T, H) normed; cache_k (S, kv, D), cache_v (S, kv, Dv) updated in place -> (T, H)."""
+    """x (T, H) normed; cache_k (S, kv, D), cache_v (S, kv, Dv) updated in place -> (T, H).
+
+    ``sinks`` (heads,): per-head sink logits, when the config gives full layers sinks (MiMo-V2-Flash
+    does not).
+    """
     q, k, v = project_qkv(
         x,
         qkv_w,
@@ -85,6 +90,6 @@ def attention_full(
     cache_v[positions] = v.astype(cache_v.dtype)
     key_pos = np.arange(cache_k.shape[0], dtype=np.int32)  # (S,)
     valid = key_pos[None, :] <= positions[:, None]  # (T, S) causal
-    out = attend(q, cache_k, cache_v, valid, head_dim**-0.5)  # (T, heads*Dv)
+    out = attend(q, cache_k, cache_v, valid, head_dim**-0.5, sinks=sinks)  # (T, heads*Dv)
     partial = np.matmul(out.astype(x.dtype), o_w).astype(x.dtype)  # (T, H)
     return ops.all_reduce(partial, comm)

@@ -4,7 +4,8 @@ A query at position p sees keys at positions ``(p - window, p]`` (``window`` key
 included: 129 for MiMo-V2-Flash). The cache is a ring of ``window - 1`` slots holding the
 previous tokens; slot ``j`` holds the absolute position ``ring_pos[j]`` (-1 when empty). The new
 tokens attend over ring + themselves, then the last of them are written to the ring at host-
-computed ``slots`` (``position % ring size``). Each head's sink logit takes probability mass.
+computed ``slots`` (``position % ring size``). Each head's sink logit (``sinks``, when the layer
+has them: every sliding layer of MiMo-V2-Flash) takes probability mass.
 """
 
 import numpy as np
@@ -17,7 +18,6 @@ def attention_swa(
     x: np.ndarray,
     qkv_w: np.ndarray,
     o_w: np.ndarray,
-    sinks: np.ndarray,
     ring_k: np.ndarray,
     ring_v: np.ndarray,
     ring_pos: np.ndarray,
@@ -33,6 +33,7 @@ def attention_swa(
     value_scale: float,
     window: int,
     comm,
+    sinks: np.ndarray | None = None,
 ) -> np.ndarray:
     """x (T, H) normed; ring_k (R, kv, D), ring_v (R, kv, Dv), ring_pos (R,) int32 updated in
     place; slots (min(T, R),) int32 -> (T, H)."""
