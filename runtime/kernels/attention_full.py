@@ -29,6 +29,12 @@ def project_qkv(x, qkv_w, cos, sin, *, heads, kv_heads, head_dim, v_head_dim, va
     return rope_partial(q, cos, sin), rope_partial(k, cos, sin), v
 
 
+def project_out(out, o_w, dtype, comm):
+    """out (T, heads*Dv) through this rank's rows of ``o`` (heads*Dv, H), summed over ranks."""
+    partial = np.matmul(out.astype(dtype), o_w).astype(dtype)  # (T, H) partial
+    return ops.all_reduce(partial, comm)
+
+
 def attend(q, keys, values, valid, scale, sinks=None):
     """q (T, h, D), keys (K, h_kv, D), values (K, h_kv, Dv), valid (T, K) -> (T, h*Dv).
 
@@ -91,5 +97,4 @@ def attention_full(
     key_pos = np.arange(cache_k.shape[0], dtype=np.int32)  # (S,)
     valid = key_pos[None, :] <= positions[:, None]  # (T, S) causal
     out = attend(q, cache_k, cache_v, valid, head_dim**-0.5, sinks=sinks)  # (T, heads*Dv)
-    partial = np.matmul(out.astype(x.dtype), o_w).astype(x.dtype)  # (T, H)
-    return ops.all_reduce(partial, comm)
+    return project_out(out, o_w, x.dtype, comm)

@@ -10,8 +10,7 @@ has them: every sliding layer of MiMo-V2-Flash) takes probability mass.
 
 import numpy as np
 
-from runtime import ops
-from runtime.kernels.attention_full import attend, project_qkv
+from runtime.kernels.attention_full import attend, project_out, project_qkv
 
 
 def attention_swa(
@@ -58,5 +57,4 @@ def attention_swa(
     ring_k[slots] = k[-written:].astype(ring_k.dtype)
     ring_v[slots] = v[-written:].astype(ring_v.dtype)
     ring_pos[slots] = positions[-written:]
-    partial = np.matmul(out.astype(x.dtype), o_w).astype(x.dtype)  # (T, H)
-    return ops.all_reduce(partial, comm)
+    return project_out(out, o_w, x.dtype, comm)
