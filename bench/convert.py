@@ -36,7 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.fp8 import BF16, dequantise_transposed, quantise, standard_row_scales  # noqa: E402
+from mimo.fp8 import standard_row_scales  # noqa: E402
+from pipeline.fp8 import BF16, dequantise_transposed, quantise  # noqa: E402
 from pipeline.synth import preset_config, write_checkpoint  # noqa: E402
 from pipeline.transforms import ROW_PAD, transpose_into  # noqa: E402
 

@@ -18,17 +18,11 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from loader.checks import (
-    LoaderError,
-    Problem,
-    check_array,
-    read_arrays,
-    read_manifest,
-    store_metadata,
-)
-from loader.config import FULL, MOE, MiMoConfig
 from loader.display import ranges, size
 from loader.format import SHARED, device_store
+from loader.manifest import LoaderError, read_arrays, read_manifest, store_metadata
+from loader.verify import Problem, check_array
+from mimo.config import FULL, MOE, MiMoConfig
 
 
 def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
@@ -53,7 +47,7 @@ def summary(out: Path, m: dict[str, Any]) -> dict[str, Any]:
     """The ``show --json`` document."""
     cfg = MiMoConfig.from_dict(m["model"]["config"])
     o, src = m["options"], m["source"]
-    layers = o["layers"] if o["layers"] is not None else list(range(cfg.num_layers))
+    layers = o["layers"] if o["layers"] is not None else list(range(cfg.num_hidden_layers))
     devices = {k: v for k, v in m["stores"].items() if k != SHARED}
     emap = m["layout"]["expert_map"]
     per_device = sorted({len(v[0]) for v in emap.values()}) if emap else []
@@ -66,9 +60,9 @@ def summary(out: Path, m: dict[str, Any]) -> dict[str, Any]:
         "created": m["created"],
         "model": {
             "architecture": m["model"]["architecture"],
-            "layers": cfg.num_layers,
+            "layers": cfg.num_hidden_layers,
             "full_attention_layers": [
-                i for i in range(cfg.num_layers) if cfg.layer_types[i] == FULL
+                i for i in range(cfg.num_hidden_layers) if cfg.layer_types[i] == FULL
             ],
             "experts": cfg.n_routed_experts,
             "experts_per_token": cfg.num_experts_per_tok,
@@ -275,6 +269,12 @@ def verify(out: Path, device_rank: int | None, workers: int, quiet: bool) -> Non
 
 
 # --------------------------------------------------------------------------------------- diff
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Config fields that differ (manifests of either normalised form compare by meaning)."""
+    ca, cb = MiMoConfig.from_dict(a).to_dict(), MiMoConfig.from_dict(b).to_dict()
+    return sorted(k for k in ca if k != "format" and ca[k] != cb.get(k))
+
+
 def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """The ``diff --json`` document: what differs in content between two manifests."""
     opts = {
@@ -282,9 +282,7 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         for k in a["options"]
         if a["options"].get(k) != b["options"].get(k)
     }
-    cfg = sorted(
-        k for k in a["model"]["config"] if a["model"]["config"][k] != b["model"]["config"].get(k)
-    )
+    cfg = config_differences(a["model"]["config"], b["model"]["config"])
     ia = {(x["store"], x["path"]): x for x in a["arrays"]}
     ib = {(x["store"], x["path"]): x for x in b["arrays"]}
     changed = []

@@ -23,17 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from loader.checks import (
-    LoaderError,
-    Problem,
-    check_array,
-    metadata_problem,
-    read_arrays,
-    read_manifest,
-    store_metadata,
-)
-from loader.config import MiMoConfig
 from loader.format import LOGICAL_DTYPES, SHARED, chunk_path, device_store
+from loader.manifest import LoaderError, read_arrays, read_manifest, store_metadata
+from loader.verify import Problem, check_array, metadata_problem
+from mimo.config import MiMoConfig
 
 
 def _ensure_fd_budget(n: int) -> None:
@@ -82,7 +75,7 @@ class Device(Mapping[str, np.ndarray]):
     def layers(self) -> tuple[int, ...]:
         """The converted layers, in order (a subset when ``--layers`` was used)."""
         sub = self.manifest["options"]["layers"]
-        return tuple(sub) if sub is not None else tuple(range(self.config.num_layers))
+        return tuple(sub) if sub is not None else tuple(range(self.config.num_hidden_layers))
 
     @cached_property
     def expert_map(self) -> dict[int, list[int]]:

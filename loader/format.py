@@ -34,12 +34,9 @@ LOGICAL_DTYPES: dict[str, np.dtype] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
     "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "int32": np.dtype(np.int32),
-    "uint32": np.dtype(np.uint32),
 }
 _RAW = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}
-CORE_DTYPES = {"float32", "float16", "int32", "uint32"}
+CORE_DTYPES = {"float32"}  # stored as themselves; the others as raw bits
 
 
 def table_path(store: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from loader.config import ConfigError, MiMoConfig
+from mimo.config import ConfigError, MiMoConfig
 from pipeline.errors import InputError
 from pipeline.plan import DTYPES, build_plan, make_options
 
@@ -192,7 +192,8 @@ def main(
 def _dry_run(
     source, config_file, devices, dtype, layers, experts, workers, as_json, revision, cache_dir
 ):
-    from pipeline.convert import make_plan, needed_tensors, peak_memory
+    from pipeline.convert import make_plan, needed_tensors
+    from pipeline.memory import peak_memory
     from pipeline.report import plan_report, plan_summary
     from pipeline.source import open_checked
 

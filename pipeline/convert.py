@@ -15,49 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from loader.format import (
-    FORMAT,
-    FORMAT_VERSION,
-    SHARED,
-    TABLE_FORMAT,
-    chunk_path,
-    store_dir,
-    table_path,
-)
-from pipeline.buffers import POOL_BYTES
+from loader.format import FORMAT, FORMAT_VERSION, chunk_path, store_dir
 from pipeline.errors import InputError
 from pipeline.journal import OutputDir, atomic_write, sync_filesystem
+from pipeline.manifest import build_manifest, fused_kv_warnings, now, table_bytes
 from pipeline.plan import Plan, Unit, build_plan, make_options
-from pipeline.source import EXTRA_FILES, Checked, Source, load_config, open_checked
+from pipeline.reading import UnitContext
+from pipeline.scheduler import Records, run_units
+from pipeline.source import EXTRA_FILES, Reader, Source, ValidatedSource, load_config, open_checked
 from pipeline.store import consolidate, create_store
-from pipeline.transforms import UnitContext, run_unit, working_set
-
-COMMIT_SECONDS = float(os.environ.get("MIMO_SHARD_COMMIT_SECONDS", "1.0"))  # journal this often
-COMMIT_BYTES = 1 << 30  # ... or after this many output bytes
-BASELINE_RSS = 160 << 20  # interpreter, numpy, zarr, tqdm
-QUEUED_AHEAD = 2  # units submitted beyond the running ones (they hold no memory until they start)
-SOURCE_POLL_SECONDS = 0.05  # how often to look for downloaded files (sources that download)
-
-
-def tool_version() -> str:
-    try:
-        return version("mimo-shard")
-    except PackageNotFoundError:
-        return "0.0.0"
+from pipeline.transforms import run_unit
 
 
 @dataclass
@@ -106,7 +83,7 @@ def needed_tensors(plan: Plan) -> list[str]:
     return list(seen)
 
 
-def fingerprint(checked: Checked, plan: Plan) -> str:
+def fingerprint(checked: ValidatedSource, plan: Plan) -> str:
     ident = {
         "format_version": FORMAT_VERSION,
         "config_sha256": hashlib.sha256(checked.raw_config).hexdigest(),
@@ -115,14 +92,6 @@ def fingerprint(checked: Checked, plan: Plan) -> str:
         "options": plan.options.to_dict(),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def peak_memory(plan: Plan, workers: int) -> int:
-    """An upper estimate of peak RSS: a baseline plus, per worker, its bounded buffer pool or the
-    largest unit's working set, whichever is larger."""
-    shapes = {n: s.shape for n, s in plan.inventory.items()}
-    largest = max(working_set(u, shapes) for u in plan.units)
-    return BASELINE_RSS + workers * max(POOL_BYTES, largest)
 
 
 def convert(
@@ -168,7 +137,7 @@ def convert(
     try:
         if force and existing is not None:
             od.clean(existing.get("files", []))  # start clean, whatever the old run was
-        return _run(plan, checked, od, fp, small, workers, progress, summary, t0)
+        return _Run(plan, checked, od, fp, small, workers, progress).execute(summary, t0)
     finally:
         od.unlock()
 
@@ -183,7 +152,7 @@ def _describe(info: dict[str, Any]) -> str:
     )
 
 
-def _small_files(checked: Checked) -> dict[str, bytes]:
+def _small_files(checked: ValidatedSource) -> dict[str, bytes]:
     """The config (verbatim) and the tokenizer files the source has, to copy into OUT."""
     files = {"config.json": checked.raw_config}
     for name in EXTRA_FILES:
@@ -193,189 +162,116 @@ def _small_files(checked: Checked) -> dict[str, bytes]:
     return files
 
 
-def _run(
-    plan: Plan,
-    checked: Checked,
-    od: OutputDir,
-    fp: str,
-    small: dict[str, bytes],
-    workers: int,
-    progress: bool,
-    summary: Summary,
-    t0: float,
-) -> Summary:
-    from pipeline.source import Reader
+@dataclass
+class _Run:
+    """One locked run over OUT: what to convert, from what, into what."""
 
-    out = od.path
-    files = list(small)
-    od.begin(  # first: from now on OUT is recognisably mimo-shard's, whatever happens
-        {
-            "fingerprint": fp,
-            "options": plan.options.to_dict(),
-            "source": checked.source.describe(),
-            "files": files,
-            "started": _now(),
-        }
-    )
-    for name, data in small.items():
-        atomic_write(out / name, data)
-    for store in plan.stores:
-        create_store(
-            out, store, {"format": FORMAT, "format_version": FORMAT_VERSION, "store": store}
+    plan: Plan
+    checked: ValidatedSource
+    od: OutputDir
+    fingerprint: str
+    small: dict[str, bytes]
+    workers: int
+    progress: bool
+
+    def execute(self, summary: Summary, t0: float) -> Summary:
+        plan, od, out = self.plan, self.od, self.od.path
+        files = list(self.small)
+        od.begin(  # first: from now on OUT is recognisably mimo-shard's, whatever happens
+            {
+                "fingerprint": self.fingerprint,
+                "options": plan.options.to_dict(),
+                "source": self.checked.source.describe(),
+                "files": files,
+                "started": now(),
+            }
         )
-    for p in out.glob("*.zarr/**/*.partial"):  # orphans of a killed run
-        p.unlink()
-
-    done = od.journaled()
-    records: dict[str, list[dict[str, Any]]] = {}
-    pending: list[Unit] = []
-    for u in plan.units:
-        rec = done.get(u.id)
-        if rec is not None and _intact(out, u, rec):
-            records[u.id] = rec
-        else:
-            pending.append(u)
-    summary.resumed = len(records)
-
-    reader = Reader(checked)
-    file_of = checked.weight_map
-    remaining = Counter(f for u in pending for f in {file_of[s] for s in u.sources})
-    schedule = getattr(checked.source, "schedule", None)
-    if schedule is not None:
-        schedule(list(dict.fromkeys(file_of[s] for u in pending for s in u.sources)))
-    # A downloading source (pipeline.hub) says which files are on disk: a unit starts once its
-    # files are there, so no worker waits for a download while holding the reader; and on error
-    # it is closed, so a unit waiting for a download gives up and the pool can shut down.
-    on_disk = getattr(checked.source, "ready", None)
-    close_source = getattr(checked.source, "close", None)
-
-    def startable(u: Unit) -> bool:
-        return on_disk is None or all(on_disk(file_of[s]) for s in u.sources)
-
-    total = sum(u.out_bytes for u in pending)
-    bar = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc="convert",
-        disable=not progress,
-        file=sys.stderr,
-        smoothing=0.1,
-    )
-    bar_lock = threading.Lock()
-
-    def on_bytes(n: int) -> None:
-        with bar_lock:
-            bar.update(n)
-
-    def work(u: Unit) -> list[dict[str, Any]]:
-        return run_unit(UnitContext(reader, plan.config, out, on_bytes), u)
-
-    finished: list[tuple[Unit, list[dict[str, Any]]]] = []
-    last_commit, uncommitted_bytes = time.monotonic(), 0
-
-    def commit() -> None:
-        nonlocal last_commit, uncommitted_bytes
-        od.commit([(u.id, rec) for u, rec in finished])
-        for u, rec in finished:
-            records[u.id] = rec
-            for f in {file_of[s] for s in u.sources}:
-                remaining[f] -= 1
-                if remaining[f] == 0:
-                    reader.close(f)
-                    checked.source.release(f)
-        finished.clear()
-        last_commit, uncommitted_bytes = time.monotonic(), 0
-
-    queue = list(reversed(pending))
-    running: dict[Future, Unit] = {}
-    error: BaseException | None = None
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="unit") as pool:
+        self.prepare_out()
+        records, pending = self.resumable()
+        summary.resumed = len(records)
+        reader = Reader(self.checked)
         try:
-            while queue or running:
-                # a few units wait queued so workers stay busy while the main thread syncs
-                while queue and len(running) < workers + QUEUED_AHEAD and error is None:
-                    if not startable(queue[-1]):
-                        if running:
-                            break  # its files are downloading: look again shortly
-                        commit()  # nothing runs: release finished files, then wait in the unit
-                    u = queue.pop()
-                    running[pool.submit(work, u)] = u
-                if not running:
-                    break
-                ready, _ = wait(
-                    running,
-                    timeout=SOURCE_POLL_SECONDS if on_disk is not None else None,
-                    return_when=FIRST_COMPLETED,
-                )
-                for fut in ready:
-                    u = running.pop(fut)
-                    try:
-                        rec = fut.result()
-                    except BaseException as e:  # noqa: BLE001 - re-raised after draining
-                        error = error or e
-                        continue
-                    finished.append((u, _records(u, rec)))
-                    uncommitted_bytes += u.out_bytes
-                if error is None and (
-                    time.monotonic() - last_commit >= COMMIT_SECONDS
-                    or uncommitted_bytes >= COMMIT_BYTES
-                ):
-                    commit()
-                if error is not None:
-                    queue.clear()
-                    if close_source is not None:
-                        close_source()
-        except BaseException as e:
-            error = error or e
-            queue.clear()
-            for fut in running:
-                fut.cancel()
+            self.convert_units(pending, records, reader)
         finally:
-            if error is not None and close_source is not None:
-                close_source()
-    commit()  # whatever finished is durable and journaled, error or not
-    bar.close()
-    reader.close()
-    if error is not None:
-        raise error
+            reader.close()
+        for store in plan.stores:
+            consolidate(out, store)
+        sync_filesystem(out)
+        manifest, tables = build_manifest(plan, self.checked, self.fingerprint, records, files)
+        od.finish(manifest, {name: table_bytes(t) for name, t in tables.items()})
+        summary.warnings = fused_kv_warnings(records)
+        summary.units = len(plan.units) - summary.resumed
+        summary.arrays = manifest["totals"]["arrays"]
+        summary.bytes_in = reader.bytes_read
+        summary.bytes_out = sum(u.out_bytes for u in pending)
+        summary.seconds = time.perf_counter() - t0
+        return summary
 
-    for store in plan.stores:
-        consolidate(out, store)
-    sync_filesystem(out)
-    manifest, tables = build_manifest(plan, checked, fp, records, files)
-    od.finish(manifest, {name: table_bytes(t) for name, t in tables.items()})
-    summary.warnings = fused_kv_warnings(records)
-    summary.units = len(plan.units) - summary.resumed
-    summary.arrays = manifest["totals"]["arrays"]
-    summary.bytes_in = reader.bytes_read
-    summary.bytes_out = sum(u.out_bytes for u in pending)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    def prepare_out(self) -> None:
+        """Small files, the stores' root groups, and no orphan pieces of a killed run."""
+        out = self.od.path
+        for name, data in self.small.items():
+            atomic_write(out / name, data)
+        for store in self.plan.stores:
+            attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "store": store}
+            create_store(out, store, attrs)
+        for p in out.glob("*.zarr/**/*.partial"):
+            p.unlink()
 
+    def resumable(self) -> tuple[dict[str, Records], list[Unit]]:
+        """(records of journaled units still intact on disk, units left to run)."""
+        done = self.od.journaled()
+        records: dict[str, Records] = {}
+        pending: list[Unit] = []
+        for u in self.plan.units:
+            rec = done.get(u.id)
+            if rec is not None and _intact(self.od.path, u, rec):
+                records[u.id] = rec
+            else:
+                pending.append(u)
+        return records, pending
 
-FUSED_KV_MIN = 0.9  # share of fused K/V blocks that must reach the FP8 maximum
+    def convert_units(
+        self, pending: list[Unit], records: dict[str, Records], reader: Reader
+    ) -> None:
+        """Run ``pending``; journal each batch and release source files nobody needs any more."""
+        source, file_of = self.checked.source, self.checked.weight_map
+        remaining = Counter(f for u in pending for f in {file_of[s] for s in u.sources})
+        source.schedule(list(dict.fromkeys(file_of[s] for u in pending for s in u.sources)))
+        bar = tqdm(
+            total=sum(u.out_bytes for u in pending),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            desc="convert",
+            disable=not self.progress,
+            file=sys.stderr,
+            smoothing=0.1,
+        )
+        bar_lock = threading.Lock()
 
+        def on_bytes(n: int) -> None:
+            with bar_lock:
+                bar.update(n)
 
-def fused_kv_warnings(records: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Warnings for layers whose K/V codes do not support the per-head fused scale reading."""
-    per_layer: dict[str, list[int]] = {}
-    for unit, recs in records.items():
-        for r in recs:
-            c = r.get("checks", {}).get("fused_kv")
-            if c:
-                layer = unit.split("/")[1]
-                tot = per_layer.setdefault(layer, [0, 0])
-                tot[0] += c["fused_saturated"]
-                tot[1] += c["fused_blocks"]
-    return [
-        f"layer {layer}: only {ok}/{n} fused [K_h; V_h] scale blocks reach the FP8 maximum (448); "
-        "the per-head fused K/V scale reading may not fit this checkpoint: check the layer's "
-        "K/V outputs before relying on them"
-        for layer, (ok, n) in sorted(per_layer.items(), key=lambda kv: int(kv[0]))
-        if n and ok / n < FUSED_KV_MIN
-    ]
+        def work(u: Unit) -> Records:
+            recs = run_unit(UnitContext(reader, self.plan.config, self.od.path, on_bytes), u)
+            return _records(u, recs)
+
+        def commit(finished: list[tuple[Unit, Records]]) -> None:
+            self.od.commit([(u.id, rec) for u, rec in finished])
+            for u, rec in finished:
+                records[u.id] = rec
+                for f in {file_of[s] for s in u.sources}:
+                    remaining[f] -= 1
+                    if remaining[f] == 0:
+                        reader.close(f)
+                        source.release(f)
+
+        try:
+            run_units(pending, work, commit, source, file_of, self.workers)
+        finally:
+            bar.close()
 
 
 def _records(u: Unit, recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -393,85 +289,3 @@ def _intact(out: Path, u: Unit, recs: list[dict[str, Any]]) -> bool:
         if not (store_dir(out, a.store) / a.path / "zarr.json").is_file():
             return False
     return True
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def build_manifest(
-    plan: Plan,
-    checked: Checked,
-    fp: str,
-    records: dict[str, list[dict[str, Any]]],
-    files: list[str],
-) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(manifest, array table per store). Schema: ``manifests/manifest.schema.json``.
-
-    The manifest stays small (identity, config, options, layout, per-store totals and the sha256
-    of each store's table) so a device opens without parsing every other device's records.
-    """
-    tables: dict[str, dict[str, Any]] = {
-        s: {"format": TABLE_FORMAT, "format_version": FORMAT_VERSION, "store": s, "arrays": []}
-        for s in plan.stores
-    }
-    for u in plan.units:
-        for a, r in zip(u.outputs, records[u.id], strict=True):
-            tables[a.store]["arrays"].append(
-                {
-                    "store": a.store,
-                    "path": a.path,
-                    "shape": list(a.shape),
-                    "dtype": a.dtype,
-                    "bytes": a.nbytes,
-                    "checksum": r["checksum"],
-                    "sources": list(u.sources),
-                    "transform": {"name": u.transform, "params": u.params},
-                    "unit": u.id,
-                    **({"checks": r["checks"]} if "checks" in r else {}),
-                }
-            )
-    stores = {}
-    for s, t in tables.items():
-        stores[s] = {
-            "path": f"{s}.zarr",
-            "arrays": len(t["arrays"]),
-            "bytes": sum(a["bytes"] for a in t["arrays"]),
-            "table": table_path(s),
-            "table_sha256": hashlib.sha256(table_bytes(t)).hexdigest(),
-        }
-    src = checked.source.describe()
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tool": {"name": "mimo-shard", "version": tool_version()},
-        "created": _now(),
-        "fingerprint": fp,
-        "model": {
-            "architecture": "MiMoV2FlashForCausalLM",
-            "config": plan.config.to_dict(),
-        },
-        "source": {
-            **src,
-            "config_sha256": hashlib.sha256(checked.raw_config).hexdigest(),
-            "index_sha256": checked.index_sha256,
-            "files": dict(sorted(checked.file_sizes.items())),
-            "tensors": len(checked.weight_map),
-            "mtp_layers": checked.mtp_layers,
-        },
-        "options": plan.options.to_dict(),
-        "layout": plan.layout,
-        "stores": stores,
-        "files": files,
-        "totals": {
-            "arrays": sum(v["arrays"] for v in stores.values()),
-            "bytes": sum(v["bytes"] for v in stores.values()),
-            "shared_bytes": stores[SHARED]["bytes"],
-        },
-    }
-    return manifest, tables
-
-
-def table_bytes(table: dict[str, Any]) -> bytes:
-    """The serialised form of an array table (its sha256 is recorded in the manifest)."""
-    return (json.dumps(table, separators=(",", ":")) + "\n").encode()

@@ -4,7 +4,7 @@ Dequantisation is ``out[r, c] = cast(float32(code[r, c]) * S[row_scale[r], c // 
 with ``cast`` to bfloat16 by round-to-nearest-even (``ml_dtypes``), or to float32.
 ``weight_scale_inv`` is a *multiplier*. ``row_scale`` maps each weight row to a row of the scale
 grid: ``r // 128`` for standard tensors, the per-head fused rule for full-attention K/V
-(:func:`fused_kv_row_scales`).
+(:mod:`mimo.fp8`, where the rule is written).
 
 Speed: an FP8 code has 256 values, so for each run of rows sharing a scale row the converter
 builds one 256-entry table per column block holding the already-rounded outputs, and gathers
@@ -16,40 +16,12 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from mimo.fp8 import FP8_MAX, ceil_div
 from pipeline.buffers import scratch
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
-FP8_MAX = 448.0
 _CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # [256]
-
-
-def standard_row_scales(rows: int, block_rows: int) -> np.ndarray:
-    """Scale-grid row of each weight row for a standard block grid: ``r // block_rows``."""
-    return (np.arange(rows) // block_rows).astype(np.int64)
-
-
-def fused_kv_row_scales(
-    kv_heads: int, head_dim: int, v_head_dim: int, block_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the stacked grid ``vstack([k_scale, v_scale])`` used by each K row and each V row.
-
-    Head ``h``'s rows ``[K_h; V_h]`` were quantised as one unit in ``block_rows`` blocks. Blocks
-    starting inside K are k-grid rows ``h*kb + b``; later blocks are v-grid rows ``h*vb + b - kb``
-    (offset by the k grid's ``kv_heads*kb`` rows in the stacked grid). Real model, per head: K rows
-    0..127 -> KS[2h], K rows 128..191 and V rows 0..63 -> KS[2h+1], V rows 64..127 -> VS[h].
-    """
-    kb = -(-head_dim // block_rows)
-    vb = -(-(head_dim + v_head_dim) // block_rows) - kb
-    k_rows = kv_heads * kb
-
-    def grid_row(h: int, p: int) -> int:
-        b = p // block_rows
-        return h * kb + b if b < kb else k_rows + h * vb + (b - kb)
-
-    k_map = [grid_row(h, t) for h in range(kv_heads) for t in range(head_dim)]
-    v_map = [grid_row(h, head_dim + t) for h in range(kv_heads) for t in range(v_head_dim)]
-    return np.asarray(k_map, np.int64), np.asarray(v_map, np.int64)
 
 
 def _tables(scales: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
@@ -98,7 +70,7 @@ def quantise(w: np.ndarray, row_scale: np.ndarray, n_scale_rows: int, block_cols
     Rows sharing a scale row (per ``row_scale``) form one block with each column block.
     """
     rows, cols = w.shape
-    ncb = -(-cols // block_cols)
+    ncb = ceil_div(cols, block_cols)
     pad = ncb * block_cols - cols
     a = np.abs(w)
     if pad:
@@ -115,7 +87,7 @@ def quantise(w: np.ndarray, row_scale: np.ndarray, n_scale_rows: int, block_cols
 def fused_kv_saturation(
     k_codes: np.ndarray, v_codes: np.ndarray, head_dim: int, v_head_dim: int, block: tuple[int, int]
 ) -> dict[str, int]:
-    """Evidence for the per-head fused K/V reading (reference/checkpoint.md §3.3).
+    """Evidence for the per-head fused K/V reading (docs/checkpoint.md §3.3).
 
     Scales are ``amax / 448``, so under the grouping the checkpoint was quantised with, every
     (128-row block, 128-column block) holds a code of magnitude 448. Counts, over the given KV heads

@@ -587,6 +587,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _version() -> str:
-    from pipeline.convert import tool_version
+    from pipeline.manifest import tool_version
 
     return tool_version()

@@ -1,17 +1,8 @@
-"""The conversion plan: one table of output arrays, grouped into work units.
+"""The conversion plan: the layout table (:mod:`mimo.layout`) expanded into work units.
 
 A *unit* is one read of some source tensors producing one or more output arrays with a named
 transform (see :mod:`pipeline.transforms`). Units are journaled; a unit's arrays become durable
 together. The converter executes the units, ``--dry-run`` prints them, the manifest records them.
-
-Layout for ``N`` devices (``x @ W`` kernel layout, ``W`` stored ``[in, out]``):
-
-- attention, tensor-parallel: rank r holds query heads ``[r*Q/N, (r+1)*Q/N)``, the KV heads they
-  read (replicated when N exceeds the KV heads), their sinks, and the matching rows of ``o``;
-- experts, expert-parallel: rank r holds whole experts per MoE layer, listed in the expert map
-  (contiguous blocks by default);
-- layer-0 dense MLP: intermediate dimension split over N; ``lm_head``: vocabulary split over N;
-- ``shared``: embedding, every norm, routers and correction biases, written once.
 """
 
 from __future__ import annotations
@@ -20,16 +11,33 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from loader.config import MOE, MiMoConfig
 from loader.format import SHARED, device_store, nbytes
+from mimo import names
+from mimo.config import MOE, MiMoConfig
+from mimo.layout import (
+    EXPERTS,
+    F32,
+    HEADS,
+    INTERMEDIATE,
+    SHARED_STORE,
+    VOCAB,
+    WHOLE,
+    ArrayKind,
+    attention_heads,
+    contiguous_expert_map,
+    divisibility,
+    even_split,
+    layer_arrays,
+    model_arrays,
+)
 from pipeline.errors import InputError
-from pipeline.inventory import TensorSpec, hub_inventory, scale_name
+from pipeline.inventory import HubTensor, hub_inventory
 
 DTYPES = ("bfloat16", "float32")
 
 
 @dataclass(frozen=True)
-class ArraySpec:
+class OutputArray:
     """One output array."""
 
     store: str  # "shared" or "device-007"
@@ -44,13 +52,18 @@ class ArraySpec:
 
 @dataclass(frozen=True)
 class Unit:
-    """One read of ``sources`` producing ``outputs`` through ``transform`` with ``params``."""
+    """One read of source tensors producing ``outputs`` through ``transform`` with ``params``.
+
+    ``inputs`` maps the transform's input names (``q``, ``gate``, ...) to hub tensor names (one,
+    or one per expert); ``sources`` lists every tensor read, FP8 scale grids included.
+    """
 
     id: str
     transform: str
     sources: tuple[str, ...]
-    outputs: tuple[ArraySpec, ...]
+    outputs: tuple[OutputArray, ...]
     params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    inputs: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def out_bytes(self) -> int:
@@ -81,9 +94,9 @@ class Plan:
     options: Options
     layout: dict[str, Any]
     units: list[Unit]
-    inventory: dict[str, TensorSpec]
+    inventory: dict[str, HubTensor]
 
-    def arrays(self) -> Iterator[tuple[Unit, ArraySpec]]:
+    def arrays(self) -> Iterator[tuple[Unit, OutputArray]]:
         for u in self.units:
             for a in u.outputs:
                 yield u, a
@@ -100,35 +113,42 @@ class Plan:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return self.options.layers or tuple(range(self.config.num_layers))
+        return self.options.layers or tuple(range(self.config.num_hidden_layers))
 
     def source_bytes(self) -> int:
         """Bytes of the distinct source tensors the plan reads."""
-        names = {s for u in self.units for s in u.sources}
-        return sum(self.inventory[n].nbytes for n in names)
+        tensors = {s for u in self.units for s in u.sources}
+        return sum(self.inventory[n].nbytes for n in tensors)
 
 
 # ------------------------------------------------------------------------------ option parsing
-def parse_spec(spec: str | None, limit: int, option: str) -> tuple[int, ...] | None:
-    """``"0-3,7"`` -> (0, 1, 2, 3, 7); ``None``/``"all"`` -> None. Values must lie in [0, limit)."""
+def parse_indices(spec: str | None, limit: int, option: str) -> tuple[int, ...] | None:
+    """``"0-3,7"`` -> (0, 1, 2, 3, 7); ``None``/``"all"`` -> None. Values must lie in [0, limit).
+
+    Ranges are clipped to ``[0, limit)`` before they are expanded, so a huge range costs nothing.
+    """
     if spec is None or spec.strip() == "all":
         return None
     out: list[int] = []
+    bad: list[int] = []  # the first out-of-range value
+    n_bad = 0
     for part in spec.split(","):
         part = part.strip()
         try:
-            if "-" in part:
-                a, b = (int(x) for x in part.split("-", 1))
-                if b < a:
-                    raise InputError(f"{option} {spec!r}: range {part!r} runs backwards")
-                out.extend(range(a, b + 1))
-            else:
-                out.append(int(part))
+            a, b = (int(x) for x in part.split("-", 1)) if "-" in part else (int(part),) * 2
         except ValueError:
             raise InputError(f"{option} {spec!r}: {part!r} is not an index or a range") from None
-    bad = [i for i in out if not 0 <= i < limit]
-    if bad:
-        more = f" and {len(bad) - 1} more are" if len(bad) > 1 else " is"
+        if b < a:
+            raise InputError(f"{option} {spec!r}: range {part!r} runs backwards")
+        below, above = max(0, min(b, -1) - a + 1), max(0, b - max(a, limit) + 1)
+        if below or above:
+            bad = bad or [a if below else max(a, limit)]
+            n_bad += below + above
+        out.extend(range(max(a, 0), min(b, limit - 1) + 1))
+        if len(out) > limit:
+            break  # a repeat, reported below
+    if n_bad:
+        more = f" and {n_bad - 1} more are" if n_bad > 1 else " is"
         raise InputError(f"{option} {spec!r}: {bad[0]}{more} out of range (valid: 0-{limit - 1})")
     if len(set(out)) != len(out):
         raise InputError(f"{option} {spec!r}: repeated values")
@@ -146,14 +166,9 @@ def make_options(
     return Options(
         devices=devices,
         dtype=dtype,
-        layers=parse_spec(layers, cfg.num_layers, "--layers"),
-        experts=parse_spec(experts, cfg.n_routed_experts, "--experts"),
+        layers=parse_indices(layers, cfg.num_hidden_layers, "--layers"),
+        experts=parse_indices(experts, cfg.n_routed_experts, "--experts"),
     )
-
-
-def _split(total: int, parts: int) -> list[tuple[int, int]]:
-    step = total // parts
-    return [(r * step, (r + 1) * step) for r in range(parts)]
 
 
 def check_devices(cfg: MiMoConfig, options: Options) -> None:
@@ -162,15 +177,9 @@ def check_devices(cfg: MiMoConfig, options: Options) -> None:
     if n < 1:
         raise InputError(f"--devices {n}: must be >= 1")
     experts = len(options.experts) if options.experts is not None else cfg.n_routed_experts
-    which = "--experts subset" if options.experts is not None else "routed experts"
-    checks = [
-        (cfg.num_attention_heads, "attention heads (num_attention_heads)"),
-        (cfg.swa_num_attention_heads, "sliding-window attention heads"),
-        (experts, which),
-        (cfg.intermediate_size, "dense MLP intermediate size"),
-        (cfg.vocab_size, "vocabulary"),
-    ]
-    for total, what in checks:
+    for total, what in divisibility(cfg, experts):
+        if options.experts is not None and what == "routed experts":
+            what = "--experts subset"
         if total % n:
             raise InputError(f"--devices {n} does not divide the {total} {what}")
     if options.dtype not in DTYPES:
@@ -181,193 +190,154 @@ def expert_map(
     cfg: MiMoConfig, options: Options, layers: tuple[int, ...]
 ) -> dict[int, list[list[int]]]:
     """Global expert ids held by each rank, per MoE layer: contiguous blocks of present experts."""
-    present = (
-        list(options.experts) if options.experts is not None else list(range(cfg.n_routed_experts))
-    )
-    per = len(present) // options.devices
-    blocks = [present[r * per : (r + 1) * per] for r in range(options.devices)]
+    present = list(options.experts or range(cfg.n_routed_experts))
+    blocks = contiguous_expert_map(present, options.devices)
     return {layer: [list(b) for b in blocks] for layer in layers if cfg.mlp_types[layer] == MOE}
 
 
-def attention_heads(
-    cfg: MiMoConfig, layer: int, n: int
-) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Per rank: (query-head range, KV-head range) on ``layer``."""
-    spec = cfg.layer(layer)
-    group = spec.q_heads // spec.kv_heads
-    out = []
-    for h0, h1 in _split(spec.q_heads, n):
-        out.append(((h0, h1), (h0 // group, (h1 - 1) // group + 1)))
-    return out
-
-
 # ----------------------------------------------------------------------------------- building
-def build_plan(cfg: MiMoConfig, options: Options) -> Plan:
-    """The full plan for ``cfg`` and ``options`` (validated)."""
-    check_devices(cfg, options)
-    n, dt = options.devices, options.dtype
-    layers = options.layers or tuple(range(cfg.num_layers))
-    emap = expert_map(cfg, options, layers)
-    inventory = {s.name: s for s in hub_inventory(cfg)}
-    h, v = cfg.hidden_size, cfg.vocab_size
-    units: list[Unit] = []
+@dataclass(frozen=True)
+class Part:
+    """What rank ``rank`` holds of one array kind (the fields its split uses)."""
 
-    def src(*names: str) -> tuple[str, ...]:
-        """Names plus the scale of every FP8 weight among them."""
-        out = []
-        for name in names:
-            out.append(name)
-            scale = scale_name(name)
-            if name.endswith(".weight") and scale in inventory:
-                out.append(scale)
+    rank: int
+    q_heads: tuple[int, int] = (0, 0)
+    kv_heads: tuple[int, int] = (0, 0)
+    intermediate: tuple[int, int] = (0, 0)
+    experts: tuple[int, ...] = ()
+    vocab: tuple[int, int] = (0, 0)
+
+
+def _sizes(cfg: MiMoConfig, layer: int | None, part: Part) -> dict[str, int]:
+    """Values of the layout's shape symbols for ``part`` (see :mod:`mimo.layout`)."""
+    h0, h1 = part.q_heads
+    g0, g1 = part.kv_heads
+    i0, i1 = part.intermediate
+    spec = cfg.layer(layer) if layer is not None else None
+    d, dv = (spec.head_dim, spec.v_head_dim) if spec else (0, 0)
+    return {
+        "H": cfg.hidden_size,
+        "V": cfg.vocab_size,
+        "E": cfg.n_routed_experts,
+        "I": cfg.moe_intermediate_size,
+        "2I": 2 * cfg.moe_intermediate_size,
+        "heads": h1 - h0,
+        "qkv": (h1 - h0) * d + (g1 - g0) * (d + dv),
+        "heads·d_v": (h1 - h0) * dv,
+        "E/N": len(part.experts),
+        "I_d/N": i1 - i0,
+        "2·I_d/N": 2 * (i1 - i0),
+        "V/N": part.vocab[1] - part.vocab[0],
+    }
+
+
+class _Builder:
+    """Expands layout rows into units for one config and options."""
+
+    def __init__(self, cfg: MiMoConfig, options: Options, layers: tuple[int, ...]) -> None:
+        self.cfg, self.options = cfg, options
+        self.inventory = {s.name: s for s in hub_inventory(cfg)}
+        self.emap = expert_map(cfg, options, layers)
+
+    def parts(self, split: str, layer: int | None) -> list[Part]:
+        n, cfg = self.options.devices, self.cfg
+        if split == WHOLE:
+            return [Part(0)]
+        if split == HEADS:
+            return [
+                Part(r, q_heads=q, kv_heads=kv)
+                for r, (q, kv) in enumerate(attention_heads(cfg, layer, n))
+            ]
+        if split == INTERMEDIATE:
+            slices = even_split(cfg.intermediate_size, n)
+            return [Part(r, intermediate=x) for r, x in enumerate(slices)]
+        if split == EXPERTS:
+            return [Part(r, experts=tuple(e)) for r, e in enumerate(self.emap[layer])]
+        if split == VOCAB:
+            return [Part(r, vocab=x) for r, x in enumerate(even_split(cfg.vocab_size, n))]
+        raise ValueError(f"unknown split {split!r}")
+
+    def inputs(self, kind: ArrayKind, layer: int | None, part: Part) -> dict[str, tuple[str, ...]]:
+        """Tensor names per transform input (``expert.*`` roles: one per held expert)."""
+        out = {}
+        for key, role in kind.inputs.items():
+            if role.startswith("expert."):
+                out[key] = tuple(names.name(role, layer, e) for e in part.experts)
+            else:
+                out[key] = (names.name(role, layer),)
+        return out
+
+    def sources(self, inputs: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+        """Every tensor the inputs read, each FP8 weight followed by its scale grid; experts
+        interleaved (expert 0's inputs, then expert 1's), in file order."""
+        out: list[str] = []
+        for group in zip(*inputs.values(), strict=True):
+            for tensor in group:
+                out.append(tensor)
+                scale = names.scale_name(tensor)
+                if tensor.endswith(".weight") and scale in self.inventory:
+                    out.append(scale)
         return tuple(out)
 
-    def shared(path: str, shape: tuple[int, ...], dtype: str = "float32") -> ArraySpec:
-        return ArraySpec(SHARED, path, shape, dtype)
+    def array(self, kind: ArrayKind, layer: int | None, part: Part) -> OutputArray:
+        sizes = _sizes(self.cfg, layer, part)
+        store = SHARED if kind.store == SHARED_STORE else device_store(part.rank)
+        dtype = F32 if kind.dtype == F32 else self.options.dtype
+        return OutputArray(store, kind.at(layer), tuple(sizes[s] for s in kind.shape), dtype)
 
-    def dev(r: int, path: str, shape: tuple[int, ...], dtype: str = dt) -> ArraySpec:
-        return ArraySpec(device_store(r), path, shape, dtype)
+    def units(self, kind: ArrayKind, layer: int | None) -> list[Unit]:
+        parts = self.parts(kind.split, layer)
+        path = kind.at(layer)
+        if not kind.unit_per_rank:  # one read of the source, one piece per rank
+            inputs = self.inputs(kind, layer, parts[0])
+            outputs = tuple(self.array(kind, layer, p) for p in parts)
+            size = outputs[0].shape[0]  # each rank's slice of the split source dimension
+            ranges = [[p.rank * size, (p.rank + 1) * size] for p in parts]
+            key = "source_cols" if kind.transform == "transpose_split" else "source_rows"
+            return [
+                Unit(path, kind.transform, self.sources(inputs), outputs, {key: ranges}, inputs)
+            ]
+        units = []
+        for p in parts:
+            inputs = self.inputs(kind, layer, p)
+            uid = path if kind.split == WHOLE else f"{path}@{device_store(p.rank)}"
+            units.append(
+                Unit(
+                    uid,
+                    kind.transform,
+                    self.sources(inputs),
+                    (self.array(kind, layer, p),),
+                    _params(kind, layer, p),
+                    inputs,
+                )
+            )
+        return units
 
-    units.append(
-        Unit("embed", "copy", src("model.embed_tokens.weight"), (shared("embed", (v, h), dt),))
-    )
+
+def _params(kind: ArrayKind, layer: int | None, p: Part) -> dict[str, Any]:
+    """Transform parameters of a per-rank unit."""
+    if kind.split == HEADS:
+        return {"layer": layer, "q_heads": list(p.q_heads), "kv_heads": list(p.kv_heads)}
+    if kind.split == EXPERTS:
+        return {"layer": layer, "experts": list(p.experts)}
+    if kind.split == INTERMEDIATE:
+        return {"source_rows": list(p.intermediate)}
+    if kind.split == VOCAB:
+        return {"source_rows": list(p.vocab)}
+    return {}
+
+
+def build_plan(cfg: MiMoConfig, options: Options) -> Plan:
+    """The full plan for ``cfg`` and ``options`` (validated): every layout row, in table order,
+    model rows first and last, layer rows for each converted layer."""
+    check_devices(cfg, options)
+    n = options.devices
+    layers = options.layers or tuple(range(cfg.num_hidden_layers))
+    b = _Builder(cfg, options, layers)
+    units = [u for k in model_arrays("first") for u in b.units(k, None)]
     for layer in layers:
-        spec = cfg.layer(layer)
-        p, lp = f"model.layers.{layer}", f"layers/{layer}"
-        for hub, ours in (
-            ("input_layernorm", "input_norm"),
-            ("post_attention_layernorm", "post_attn_norm"),
-        ):
-            units.append(
-                Unit(
-                    f"{lp}/{ours}",
-                    "copy",
-                    src(f"{p}.{hub}.weight"),
-                    (shared(f"{lp}/{ours}", (h,)),),
-                )
-            )
-        if spec.mlp == MOE:
-            e = cfg.n_routed_experts
-            units.append(
-                Unit(
-                    f"{lp}/router",
-                    "transpose",
-                    src(f"{p}.mlp.gate.weight"),
-                    (shared(f"{lp}/router", (h, e)),),
-                )
-            )
-            units.append(
-                Unit(
-                    f"{lp}/router_bias",
-                    "copy",
-                    src(f"{p}.mlp.gate.e_score_correction_bias"),
-                    (shared(f"{lp}/router_bias", (e,)),),
-                )
-            )
-        # attention
-        heads = attention_heads(cfg, layer, n)
-        a = f"{p}.self_attn"
-        qkv_src = src(f"{a}.q_proj.weight", f"{a}.k_proj.weight", f"{a}.v_proj.weight")
-        for r, ((h0, h1), (g0, g1)) in enumerate(heads):
-            width = (h1 - h0) * spec.head_dim + (g1 - g0) * (spec.head_dim + spec.v_head_dim)
-            units.append(
-                Unit(
-                    f"{lp}/attn/qkv@{device_store(r)}",
-                    "qkv",
-                    qkv_src,
-                    (dev(r, f"{lp}/attn/qkv", (h, width)),),
-                    {"layer": layer, "q_heads": [h0, h1], "kv_heads": [g0, g1]},
-                )
-            )
-        o_ranges = [[h0 * spec.v_head_dim, h1 * spec.v_head_dim] for (h0, h1), _ in heads]
-        units.append(
-            Unit(
-                f"{lp}/attn/o",
-                "transpose_split",
-                src(f"{a}.o_proj.weight"),
-                tuple(dev(r, f"{lp}/attn/o", (b - s, h)) for r, (s, b) in enumerate(o_ranges)),
-                {"columns": o_ranges},
-            )
-        )
-        if spec.sinks:
-            ranges = [[h0, h1] for (h0, h1), _ in heads]
-            units.append(
-                Unit(
-                    f"{lp}/attn/sinks",
-                    "split_rows",
-                    src(f"{a}.attention_sink_bias"),
-                    tuple(
-                        dev(r, f"{lp}/attn/sinks", (b - s,), "float32")
-                        for r, (s, b) in enumerate(ranges)
-                    ),
-                    {"rows": ranges},
-                )
-            )
-        # MLP
-        if spec.mlp == MOE:
-            im = cfg.moe_intermediate_size
-            for r, experts in enumerate(emap[layer]):
-                ex = f"{p}.mlp.experts"
-                gu = src(
-                    *(f"{ex}.{e}.{w}.weight" for e in experts for w in ("gate_proj", "up_proj"))
-                )
-                units.append(
-                    Unit(
-                        f"{lp}/experts/gate_up@{device_store(r)}",
-                        "experts_gate_up",
-                        gu,
-                        (dev(r, f"{lp}/experts/gate_up", (len(experts), h, 2 * im)),),
-                        {"layer": layer, "experts": experts},
-                    )
-                )
-            for r, experts in enumerate(emap[layer]):
-                ex = f"{p}.mlp.experts"
-                dn = src(*(f"{ex}.{e}.down_proj.weight" for e in experts))
-                units.append(
-                    Unit(
-                        f"{lp}/experts/down@{device_store(r)}",
-                        "experts_down",
-                        dn,
-                        (dev(r, f"{lp}/experts/down", (len(experts), im, h)),),
-                        {"layer": layer, "experts": experts},
-                    )
-                )
-        else:
-            ranges = [list(x) for x in _split(cfg.intermediate_size, n)]
-            for r, (i0, i1) in enumerate(ranges):
-                units.append(
-                    Unit(
-                        f"{lp}/mlp/gate_up@{device_store(r)}",
-                        "gate_up",
-                        src(f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"),
-                        (dev(r, f"{lp}/mlp/gate_up", (h, 2 * (i1 - i0))),),
-                        {"rows": [i0, i1]},
-                    )
-                )
-            units.append(
-                Unit(
-                    f"{lp}/mlp/down",
-                    "transpose_split",
-                    src(f"{p}.mlp.down_proj.weight"),
-                    tuple(
-                        dev(r, f"{lp}/mlp/down", (i1 - i0, h)) for r, (i0, i1) in enumerate(ranges)
-                    ),
-                    {"columns": ranges},
-                )
-            )
-    units.append(Unit("norm", "copy", src("model.norm.weight"), (shared("norm", (h,)),)))
-    vocab = [list(x) for x in _split(v, n)]
-    for r, (v0, v1) in enumerate(vocab):
-        units.append(
-            Unit(
-                f"lm_head@{device_store(r)}",
-                "transpose",
-                src("lm_head.weight"),
-                (dev(r, "lm_head", (h, v1 - v0)),),
-                {"rows": [v0, v1]},
-            )
-        )
-
+        units += [u for k in layer_arrays(cfg.layer(layer)) for u in b.units(k, layer)]
+    units += [u for k in model_arrays("last") for u in b.units(k, None)]
     layout = {
         "devices": n,
         "attention": {
@@ -377,8 +347,8 @@ def build_plan(cfg: MiMoConfig, options: Options) -> Plan:
             ]
             for layer in layers
         },
-        "expert_map": {str(layer): blocks for layer, blocks in emap.items()},
-        "vocab": vocab,
-        "mlp_intermediate": [list(x) for x in _split(cfg.intermediate_size, n)],
+        "expert_map": {str(layer): blocks for layer, blocks in b.emap.items()},
+        "vocab": [list(x) for x in even_split(cfg.vocab_size, n)],
+        "mlp_intermediate": [list(x) for x in even_split(cfg.intermediate_size, n)],
     }
-    return Plan(cfg, options, layout, units, inventory)
+    return Plan(cfg, options, layout, units, b.inventory)

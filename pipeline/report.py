@@ -50,7 +50,7 @@ def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) ->
         "model": "MiMoV2FlashForCausalLM",
         "origin": origin,
         "config": {
-            "layers": cfg.num_layers,
+            "layers": cfg.num_hidden_layers,
             "experts": cfg.n_routed_experts,
             "hidden_size": cfg.hidden_size,
             "vocab_size": cfg.vocab_size,

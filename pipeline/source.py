@@ -23,9 +23,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from loader.config import ConfigError, MiMoConfig
+from mimo import names
+from mimo.config import MAX_CONFIG_BYTES, ConfigError, MiMoConfig, load_json_object
+from mimo.fp8 import has_fused_kv, kv_grid_rows
+from mimo.names import SCALE_SUFFIX
 from pipeline.errors import InputError
-from pipeline.inventory import SCALE_SUFFIX, TensorSpec, kv_grid_rows
+from pipeline.inventory import HubTensor
 from pipeline.safetensors_io import Header, TensorEntry, read_header, read_rows
 
 INDEX = "model.safetensors.index.json"
@@ -57,6 +60,15 @@ class Source(Protocol):
 
     def release(self, file: str) -> None:
         """``file`` is no longer needed by this run."""
+
+    def schedule(self, files: list[str]) -> None:
+        """The files the run will read, in the order it needs them (a source may prefetch)."""
+
+    def ready(self, file: str) -> bool:
+        """Whether :meth:`fetch` of ``file`` would return without waiting."""
+
+    def close(self) -> None:
+        """Stop background work (the run failed or ended); later fetches fail fast."""
 
 
 def safe_relative(name: str, tensor: str) -> str:
@@ -99,9 +111,18 @@ class LocalSource:
     def release(self, file: str) -> None:
         pass
 
+    def schedule(self, files: list[str]) -> None:
+        pass
+
+    def ready(self, file: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
 
 @dataclass
-class Checked:
+class ValidatedSource:
     """A source whose config, index and headers passed validation."""
 
     source: Source
@@ -118,16 +139,12 @@ class Checked:
 
 
 def load_config(source: Source) -> tuple[bytes, MiMoConfig]:
+    """The source's ``config.json``, verbatim and parsed (bounded in size and nesting)."""
     raw = source.read_small("config.json")
     if raw is None:
         raise InputError("config.json: missing from the source")
     try:
-        d = json.loads(raw)
-        if not isinstance(d, dict):
-            raise InputError("config.json: top level must be a JSON object")
-        return raw, MiMoConfig.from_dict(d)
-    except json.JSONDecodeError as e:
-        raise InputError(f"config.json: invalid JSON ({e})") from None
+        return raw, MiMoConfig.from_dict(load_json_object(raw, MAX_CONFIG_BYTES))
     except ConfigError as e:
         raise InputError(f"config.json: {e}") from None
 
@@ -155,16 +172,17 @@ def load_index(source: Source) -> tuple[dict[str, str], str]:
 
 
 def count_mtp_layers(weight_map: dict[str, str]) -> int:
-    ids = {int(n.split(".")[3]) for n in weight_map if n.startswith("model.mtp.layers.")}
+    """MTP layers the index lists (the real checkpoint: 3)."""
+    ids = {n.layer for n in map(names.parse, weight_map) if n is not None and n.is_mtp}
     return max(ids) + 1 if ids else 0
 
 
 def open_checked(
     source: Source,
     needed: list[str],
-    inventory: dict[str, TensorSpec],
+    inventory: dict[str, HubTensor],
     config: tuple[bytes, MiMoConfig] | None = None,
-) -> Checked:
+) -> ValidatedSource:
     """Check the tensors ``needed`` by the plan against the index, headers and ``inventory``."""
     raw, cfg = config or load_config(source)
     weight_map, digest = load_index(source)
@@ -185,19 +203,20 @@ def open_checked(
             raise InputError(f"{file}: tensor '{name}' is listed in the index but not in the file")
         _check_entry(cfg, inventory[name], entry, file)
     sizes = {f: h.size for f, h in headers.items()}
-    return Checked(
+    return ValidatedSource(
         source, raw, cfg, weight_map, digest, headers, sizes, count_mtp_layers(weight_map)
     )
 
 
-def _check_entry(cfg: MiMoConfig, spec: TensorSpec, entry: TensorEntry, file: str) -> None:
+def _check_entry(cfg: MiMoConfig, spec: HubTensor, entry: TensorEntry, file: str) -> None:
     where = f"{file}: tensor '{spec.name}'"
     if not spec.allows(entry.dtype):
         raise InputError(f"{where} has dtype {entry.dtype}; the config implies {spec.dtype}")
     allowed = [spec.shape]
-    if spec.name.endswith(f"k_proj.{SCALE_SUFFIX}") and spec.name.startswith("model.layers."):
+    n = names.parse(spec.name)
+    if n is not None and n.role == "k_proj" and n.scale and has_fused_kv(cfg, cfg.layer(n.layer)):
         # a full-attention k grid is per-head fused ([8, 32]); a standard grid is accepted too
-        layer = cfg.layer(int(spec.name.split(".")[2]))
+        layer = cfg.layer(n.layer)
         allowed.append((kv_grid_rows(layer, cfg.quant.block[0]).standard_k, spec.shape[1]))
     if entry.shape not in allowed:
         raise InputError(
@@ -209,7 +228,7 @@ def _check_entry(cfg: MiMoConfig, spec: TensorSpec, entry: TensorEntry, file: st
 class Reader:
     """Reads row ranges of validated tensors, from any thread; counts the bytes it read."""
 
-    def __init__(self, checked: Checked) -> None:
+    def __init__(self, checked: ValidatedSource) -> None:
         self.checked = checked
         self.cfg = checked.config
         self._fds: dict[str, int] = {}

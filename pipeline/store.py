@@ -26,10 +26,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec
 
-from loader.checks import crc32_file
 from loader.format import CORE_DTYPES, chunk_path, chunk_shape, storage_dtype, store_dir
+from loader.verify import crc32_file
 from pipeline.buffers import ALIGN
-from pipeline.plan import ArraySpec
+from pipeline.plan import OutputArray
 
 _group_lock = threading.Lock()
 
@@ -43,7 +43,7 @@ def create_store(out: Path, store: str, attributes: dict) -> None:
         zarr.open_group(root, mode="a", zarr_format=3, attributes=attributes)
 
 
-def create_array_metadata(out: Path, spec: ArraySpec) -> None:
+def create_array_metadata(out: Path, spec: OutputArray) -> None:
     """Write ``zarr.json`` of ``spec`` (whole-array chunk, raw little-endian bytes, no codecs)."""
     raw = storage_dtype(spec.dtype)
     attrs = {} if spec.dtype in CORE_DTYPES else {"logical_dtype": spec.dtype}
@@ -75,7 +75,7 @@ def consolidate(out: Path, store: str) -> None:
 class ArrayWriter:
     """The chunk file of one output array, written in pieces; :meth:`finish` puts it in place."""
 
-    def __init__(self, out: Path, spec: ArraySpec, on_bytes=None) -> None:
+    def __init__(self, out: Path, spec: OutputArray, on_bytes=None) -> None:
         self.spec = spec
         self.path = Path(chunk_path(out, spec.store, spec.path, spec.shape))
         self.path.parent.mkdir(parents=True, exist_ok=True)

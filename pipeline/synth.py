@@ -26,16 +26,12 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from loader.config import FULL, MiMoConfig
-from pipeline.fp8 import fused_kv_row_scales, quantise, standard_row_scales
-from pipeline.inventory import (
-    F8,
-    MTP_LAYERS,
-    SCALE_SUFFIX,
-    TensorSpec,
-    hub_inventory,
-    scale_name,
-)
+from mimo import names
+from mimo.config import MiMoConfig
+from mimo.fp8 import ceil_div, fused_kv_row_scales, has_fused_kv, standard_row_scales
+from mimo.names import scale_name
+from pipeline.fp8 import quantise
+from pipeline.inventory import F8, MTP_LAYERS, HubTensor, hub_inventory
 from pipeline.safetensors_io import NUMPY_DTYPE, StreamingWriter
 from pipeline.tokenizer import write_tokenizer
 
@@ -138,7 +134,7 @@ def draw(name: str, shape: tuple[int, ...], seed: int, rows: tuple[int, int] | N
     tail = shape[1:]
     step = chunk_rows(shape)
     parts = []
-    for c in range(r0 // step, -(-r1 // step)):
+    for c in range(r0 // step, ceil_div(r1, step)):
         c0, c1 = c * step, min((c + 1) * step, total)
         block = _rng(seed, name, c).standard_normal((c1 - c0, *tail), dtype=np.float32)
         parts.append(block[max(r0, c0) - c0 : min(r1, c1) - c0])
@@ -155,25 +151,27 @@ def chunk_rows(shape: tuple[int, ...]) -> int:
 
 
 # ------------------------------------------------------------------------------------ writing
-def _kv_partner(cfg: MiMoConfig, spec: TensorSpec) -> tuple[int, str] | None:
+def _kv_partner(cfg: MiMoConfig, spec: HubTensor) -> tuple[int, str] | None:
     """(layer, v_proj name) when ``spec`` is a full-layer k_proj quantised by the fused rule."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", spec.name)
-    if m and spec.dtype == F8 and cfg.layer(int(m.group(1))).attention == FULL:
-        return int(m.group(1)), spec.name.replace("k_proj", "v_proj")
+    n = names.parse(spec.name)
+    if n and n.role == "k_proj" and not n.scale and spec.dtype == F8:
+        if has_fused_kv(cfg, cfg.layer(n.layer)):
+            return n.layer, names.name("v_proj", n.layer)
     return None
 
 
 def _write_file(
-    w: StreamingWriter, cfg: MiMoConfig, specs: list[TensorSpec], seed: int, bar: tqdm
+    w: StreamingWriter, cfg: MiMoConfig, specs: list[HubTensor], seed: int, bar: tqdm
 ) -> None:
     by_name = {s.name: s for s in specs}
     bm, bn = cfg.quant.block if cfg.quant else (128, 128)
     for spec in specs:
-        if spec.name.endswith(SCALE_SUFFIX):
+        n = names.parse(spec.name)
+        if n is not None and n.scale:
             continue  # written with its weight
-        if spec.name.endswith("v_proj.weight") and spec.name.replace("v_proj", "k_proj") in by_name:
-            k_spec = by_name[spec.name.replace("v_proj", "k_proj")]
-            if _kv_partner(cfg, k_spec):
+        if n is not None and n.role == "v_proj":
+            k_spec = by_name.get(names.name("k_proj", n.layer))
+            if k_spec is not None and _kv_partner(cfg, k_spec):
                 continue  # written with k_proj (fused rule)
         partner = _kv_partner(cfg, spec)
         if partner:
@@ -203,7 +201,7 @@ def _write_file(
             vals = draw(spec.name, spec.shape, seed, (r0, r1))
             if spec.dtype == F8:
                 rs = standard_row_scales(r1 - r0, bm)
-                codes, s = quantise(vals, rs, -(-(r1 - r0) // bm), bn)
+                codes, s = quantise(vals, rs, ceil_div(r1 - r0, bm), bn)
                 w.write(spec.name, codes, r0 * row_bytes)
                 scale_parts.append(s)
             else:
@@ -226,11 +224,11 @@ def write_checkpoint(
     hub_config = dict(hub_config, bos_token_id=None, eos_token_id=ids["<|im_end|>"])
     (out / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
     specs = hub_inventory(cfg, mtp_layers=MTP_LAYERS if mtp else 0)
-    by_file: dict[str, list[TensorSpec]] = defaultdict(list)
+    by_file: dict[str, list[HubTensor]] = defaultdict(list)
     for s in specs:
         by_file[s.file].append(s)
     total = sum(s.nbytes for s in specs)
-    data = sum(s.nbytes for s in specs if not s.name.endswith(SCALE_SUFFIX))
+    data = sum(s.nbytes for s in specs if not s.name.endswith(names.SCALE_SUFFIX))
     with tqdm(
         total=data,
         unit="B",

@@ -21,8 +21,8 @@ import numpy as np
 
 from runtime import ops
 from runtime.kernels.moe_block import moe_block
-from runtime.kernels.moe_expert import moe_expert
 from runtime.kernels.moe_router import moe_router
+from runtime.kernels.swiglu import swiglu
 from runtime.kernels.token_embedding import token_embedding
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -117,7 +117,7 @@ def moe_block_routed(
         gate = np.sum(np.where(hit[rows], weights[rows], 0.0), axis=1, dtype=np.float32)  # (t,)
         gu = as_f32("expert_gate_up", gate_up[j]) if gate_up.dtype == BF16 else gate_up[j]
         dn = as_f32("expert_down", down[j]) if down.dtype == BF16 else down[j]
-        partial[rows] += gate[:, None] * moe_expert(x[rows], gu, dn)
+        partial[rows] += gate[:, None] * swiglu(x[rows], gu, dn)
     return ops.all_reduce(partial.astype(x.dtype), comm)
 
 

@@ -21,7 +21,7 @@ import click
 import numpy as np
 
 from loader import LoaderError, open_device
-from loader.checks import read_manifest
+from loader.manifest import read_manifest
 from runtime.generate import Generation, Sampling, generate
 from runtime.model import RankModel, SequenceTooLong
 
@@ -176,7 +176,7 @@ def main(
         manifest = read_manifest(out)
         devices = manifest["options"]["devices"]
         mode, rank, world = _mode(device_rank, world_size, all_ranks, devices)
-        from loader.config import MiMoConfig
+        from mimo.config import MiMoConfig
 
         cfg = MiMoConfig.from_dict(manifest["model"]["config"])
         tok = _tokenizer(out)

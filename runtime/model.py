@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from loader import Device
-from loader.config import FULL, MOE, LayerSpec
+from mimo.config import FULL, MOE, LayerSpec
+from mimo.layout import layer_arrays
 from runtime.backends import Backend, CpuBackend
 from runtime.comm import Communicator, SingleRank
 from runtime.kernels.attention_full import attention_full
@@ -32,6 +33,21 @@ from runtime.kernels.rope_partial import rope_tables
 from runtime.kernels.token_embedding import token_embedding
 
 ABSENT = np.float32(-1e30)  # choice bias of an expert the output does not hold
+
+# layout key (mimo.layout) -> the kernel argument the layer's array is passed as
+KERNEL_ARG = {
+    "input_norm": "input_norm",
+    "post_attn_norm": "post_attn_norm",
+    "attn/qkv": "qkv_w",
+    "attn/o": "o_w",
+    "attn/sinks": "sinks",
+    "router": "router_w",
+    "router_bias": "router_bias",
+    "experts/gate_up": "gate_up",
+    "experts/down": "down",
+    "mlp/gate_up": "gate_up",
+    "mlp/down": "down",
+}
 
 
 class SequenceTooLong(ValueError):
@@ -79,14 +95,8 @@ class RankModel:
     def _layer(self, index: int) -> Layer:
         dev, cfg = self.dev, self.cfg
         spec = cfg.layer(index)
-        lp = f"layers/{index}"
         (h0, h1), (g0, g1) = dev.heads(index)
-        w = {
-            "input_norm": dev[f"{lp}/input_norm"],
-            "post_attn_norm": dev[f"{lp}/post_attn_norm"],
-            "qkv_w": dev[f"{lp}/attn/qkv"],
-            "o_w": dev[f"{lp}/attn/o"],
-        }
+        w = {KERNEL_ARG[k.key]: dev[k.at(index)] for k in layer_arrays(spec)}
         static = {
             "heads": h1 - h0,
             "kv_heads": g1 - g0,
@@ -96,21 +106,15 @@ class RankModel:
         }
         if spec.window is not None:
             static["window"] = spec.window
-        if spec.sinks:
-            w["sinks"] = dev[f"{lp}/attn/sinks"]
         layer = Layer(spec, w, static)
         if spec.mlp == MOE:
-            w["gate_up"], w["down"] = dev[f"{lp}/experts/gate_up"], dev[f"{lp}/experts/down"]
-            w["router_w"] = dev[f"{lp}/router"]
-            w["choice_bias"], top_k = self._choice_bias(dev[f"{lp}/router_bias"])
+            w["choice_bias"], top_k = self._choice_bias(w.pop("router_bias"))
             w["expert_ids"] = np.asarray(dev.expert_map[index], dtype=np.uint32)
             layer.mlp_static = {
                 "top_k": top_k,
                 "norm_topk": cfg.norm_topk_prob,
                 "scaling": cfg.routed_scaling_factor,
             }
-        else:
-            w["gate_up"], w["down"] = dev[f"{lp}/mlp/gate_up"], dev[f"{lp}/mlp/down"]
         return layer
 
     def _choice_bias(self, bias: np.ndarray) -> tuple[np.ndarray, int]:

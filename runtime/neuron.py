@@ -86,7 +86,7 @@ OUTPUT_RULES: dict[Callable[..., Any], OutputRule] = {
 
 # ---------------------------------------------------------------------------------- selection
 def _neuron_problem() -> str | None:
-    """Why the Neuron backend cannot run here, or None when it can (reference/nkipy.md §4.2)."""
+    """Why the Neuron backend cannot run here, or None when it can (docs/nkipy.md §8)."""
     try:
         import nkipy.core.compile  # noqa: F401 - imports neuronx-cc
     except ModuleNotFoundError as e:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from loader import open_device
-from loader.checks import read_manifest
+from loader.manifest import read_manifest
 from runtime.backends import Backend
 from runtime.comm import ThreadGroup
 from runtime.model import RankModel

@@ -1,16 +1,18 @@
-"""Stand-ins for nkipy and spike that follow reference/nkipy.md, running kernels with NumPy.
+"""Stand-ins for nkipy and spike that follow docs/nkipy.md, running kernels with NumPy.
 
 :func:`install` puts modules ``nkipy``, ``nkipy.core``, ``nkipy.core.compile``, ``nkipy.runtime``,
 ``spike`` and ``spike._spike`` into ``sys.modules`` (through ``monkeypatch``) and returns a
 :class:`Log` of what the code under test did with them:
 
 - ``DeviceKernel.compile_and_load(kernel, *args, name=None, ..., build_dir=None, is_spmd=True,
-  cc_enabled=None, rank_id=None, world_size=None, **kwargs)`` (§1.5) binds the sample arguments
-  to the kernel's signature (ndarrays are inputs, the rest static), "traces" the kernel on zeros
-  of the sample shapes to find the parameters it assigns through ``__setitem__`` (they become
-  ``<name>.must_alias_input`` inputs plus ``<name>`` outputs, §1.1) and its result (``output0``),
-  and returns a kernel. A communicator is only asked for ``replica_groups`` while tracing;
-  collectives are replaced by shape-only stand-ins (nkipy's own CPU semantics, §1.4).
+  cc_enabled=None, rank_id=None, world_size=None, **kwargs)`` (docs/nkipy.md §4) binds the
+  sample arguments to the kernel's signature (ndarrays are inputs, the rest static), "traces"
+  the kernel on zeros of the sample shapes to find the parameters it assigns through
+  ``__setitem__`` (they become
+  ``<name>.must_alias_input`` inputs plus ``<name>`` outputs, docs/nkipy.md §4) and its result
+  (``output0``), and returns a kernel. A communicator is only asked for ``replica_groups``
+  while tracing; collectives are replaced by shape-only stand-ins (nkipy's own CPU semantics,
+  docs/nkipy.md §5).
 - Calling the kernel with ``inputs=``/``outputs=`` dicts of DeviceTensors checks names, shapes
   and dtypes as Spike does, and that each aliased pair is one tensor; it then runs the NumPy
   kernel on the tensors' device memory (aliased tensors are updated in place) and writes the

@@ -1,4 +1,4 @@
-"""A checker for the tracing rules of nkipy (reference/nkipy.md), usable without nkipy.
+"""A checker for the tracing rules of nkipy (docs/nkipy.md §2), usable without nkipy.
 
 Kernel inputs are wrapped in :class:`Strict`, an ndarray subclass that watches every NumPy call
 made on them while the kernel runs, and records a violation for:

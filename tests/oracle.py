@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from loader.config import FULL, MOE, MiMoConfig
+from mimo.config import FULL, MOE, MiMoConfig
 
 
 def read_tensor(ckpt: Path, name: str, index: dict | None = None) -> torch.Tensor:
@@ -62,7 +62,7 @@ def dequantised_state(
             out[name] = t.float()
         else:
             out[name] = t.to(torch.bfloat16).float()
-    for layer in range(cfg.num_layers):
+    for layer in range(cfg.num_hidden_layers):
         spec = cfg.layer(layer)
         p = f"model.layers.{layer}.self_attn"
         if spec.attention != FULL or f"{p}.k_proj.weight" in out:
@@ -123,7 +123,7 @@ def load_transformers_model(
         if name.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias")):
             t = t[kept]
         sd[name] = t
-    for layer in range(cfg.num_layers):
+    for layer in range(cfg.num_hidden_layers):
         if cfg.layer(layer).mlp != MOE:
             continue
         p = f"model.layers.{layer}.mlp.experts"

@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import MiMoV2FlashConfig
 
-from loader.config import DENSE, FULL, MOE, SLIDING, ConfigError, MiMoConfig
+from mimo.config import DENSE, FULL, MOE, SLIDING, ConfigError, MiMoConfig
 from tests.conftest import REAL_CONFIG
 
 
@@ -21,7 +21,7 @@ def test_real_config_derivations(hub):
     cfg = MiMoConfig.from_dict(hub)
     full = [s.index for s in cfg.layers if s.attention == FULL]
     assert full == [0, 5, 11, 17, 23, 29, 35, 41, 47]
-    assert cfg.num_layers == 48 and len(cfg.layers) == 48
+    assert cfg.num_hidden_layers == 48 and len(cfg.layers) == 48
     for s in cfg.layers:
         if s.attention == FULL:
             assert (s.kv_heads, s.rope_theta, s.sinks, s.window) == (4, 5_000_000.0, False, None)

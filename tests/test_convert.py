@@ -20,7 +20,7 @@ import torch
 import zarr
 from safetensors.torch import load_file, save_file
 
-from loader.config import MOE, MiMoConfig
+from mimo.config import MOE, MiMoConfig
 from pipeline.convert import convert
 from pipeline.source import LocalSource
 from tests.conftest import ROOT
@@ -76,7 +76,7 @@ def expected_arrays(
     }
     present = experts if experts is not None else list(range(cfg.n_routed_experts))
     per = len(present) // n
-    for layer in layers if layers is not None else range(cfg.num_layers):
+    for layer in layers if layers is not None else range(cfg.num_hidden_layers):
         spec = cfg.layer(layer)
         p, lp = f"model.layers.{layer}", f"layers/{layer}"
         out["shared", f"{lp}/input_norm"] = st[f"{p}.input_layernorm.weight"]

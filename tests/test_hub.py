@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 from huggingface_hub.utils import _http
 
-import pipeline.convert as convert_module
+import pipeline.scheduler as scheduler_module
 from loader.cli import main as manifest_main
 from pipeline.cli import main
 from pipeline.convert import convert
@@ -45,7 +45,7 @@ def hub(tiny_ckpt, tmp_path, monkeypatch):
     """The tiny checkpoint served as REPO (refs main and v1.0), huggingface_hub pointed at it."""
     server = HubServer({REPO: Repo.from_folder(tiny_ckpt, refs={"main": SHA, "v1.0": SHA})})
     use_hub(monkeypatch, server.url, tmp_path / "hf")
-    monkeypatch.setattr(convert_module, "COMMIT_SECONDS", 0.02)  # release files promptly
+    monkeypatch.setattr(scheduler_module, "COMMIT_SECONDS", 0.02)  # release files promptly
     monkeypatch.setenv("MIMO_SHARD_COMMIT_SECONDS", "0.02")  # ... in subprocesses too
     yield server
     server.stop()

@@ -17,12 +17,12 @@ from runtime.kernels.attention_swa import attention_swa
 from runtime.kernels.dense_mlp import dense_mlp
 from runtime.kernels.logits import logits
 from runtime.kernels.moe_block import moe_block
-from runtime.kernels.moe_expert import moe_expert
 from runtime.kernels.moe_router import moe_router
 from runtime.kernels.rmsnorm import rmsnorm
 from runtime.kernels.rope_partial import rope_partial, rope_tables
 from runtime.kernels.sampling import greedy, sample
 from runtime.kernels.softmax import softmax
+from runtime.kernels.swiglu import swiglu
 from runtime.kernels.token_embedding import token_embedding
 from tests.nkipy_rules import check_kernel
 
@@ -213,7 +213,7 @@ def test_moe_expert_is_swiglu():
     x, gu, dn = randn(4, 16), randn(16, 2 * 10, scale=0.3), randn(10, 16, scale=0.3)
     g, u = torch.tensor(x @ gu[:, :10]), torch.tensor(x @ gu[:, 10:])
     want = (torch.nn.functional.silu(g) * u).numpy() @ dn
-    np.testing.assert_allclose(moe_expert(x, gu, dn), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(swiglu(x, gu, dn), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -226,7 +226,7 @@ def test_moe_block_expert_parallel_equals_dense_reference(world):
     for t in range(tokens):  # only the chosen experts, weighted
         for j in range(k):
             e = int(idx[t, j])
-            want[t] += wts[t, j].item() * moe_expert(x[t : t + 1], gu[e], dn[e])[0]
+            want[t] += wts[t, j].item() * swiglu(x[t : t + 1], gu[e], dn[e])[0]
     comms = ThreadGroup.create(world)
     per = experts // world
     got = [None] * world
@@ -345,7 +345,7 @@ def _kernel_cases():
             {"x": x, "router_w": randn(h, 8), "choice_bias": randn(8)},
             {"top_k": 2, "norm_topk": True, "scaling": 1.0},
         ),
-        "moe_expert": (moe_expert, {"x": x, "gate_up": randn(h, 12), "down": randn(6, h)}, {}),
+        "swiglu": (swiglu, {"x": x, "gate_up": randn(h, 12), "down": randn(6, h)}, {}),
         "moe_block": (
             moe_block,
             {

@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 from loader import LoaderError, open_device
-from loader.config import MiMoConfig
+from mimo.config import MiMoConfig
 from pipeline.convert import convert
 from pipeline.source import LocalSource
 from tests.test_convert import bits, expected_arrays, load_output

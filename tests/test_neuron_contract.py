@@ -1,7 +1,7 @@
 """Contract test of the Neuron backend against stand-in nkipy and spike modules.
 
 nkipy and the Neuron compiler do not install here, so ``tests/fake_nkipy.py`` provides modules
-that follow the API described in reference/nkipy.md (``DeviceKernel.compile_and_load``, kernels
+that follow the API described in docs/nkipy.md §4 (``DeviceKernel.compile_and_load``, kernels
 called with ``inputs=``/``outputs=`` dicts of DeviceTensors, ``.must_alias_input`` aliasing,
 ``output0``, ``DeviceTensor.from_numpy``/``.numpy``/``.write_from_numpy``) and run the kernels
 with NumPy. The test checks how ``runtime.neuron`` uses that API — backend selection, compile

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from loader.config import MiMoConfig
+from mimo.config import MiMoConfig
 from pipeline.cli import main
 from pipeline.plan import Options, build_plan
 from tests.conftest import REAL_CONFIG, ROOT

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loader import LoaderError, open_device
-from loader.checks import read_arrays
+from loader.manifest import read_arrays
 from pipeline.synth import preset_config, write_checkpoint
 
 JOURNAL = Path(".mimo-shard") / "journal.jsonl"

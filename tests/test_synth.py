@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from loader.config import FULL, MiMoConfig
-from pipeline.inventory import hub_inventory, is_mtp
+from mimo.config import FULL, MiMoConfig
+from mimo.names import parse
+from pipeline.inventory import hub_inventory
 from pipeline.synth import draw, preset_config, write_checkpoint
 from tests.conftest import REAL_CONFIG
 from tests.oracle import read_tensor
@@ -21,10 +22,11 @@ FP8 = ml_dtypes.float8_e4m3fn
 
 
 def test_real_inventory_counts_and_bytes():
-    """checkpoint.md §8: 72,766 main-model tensors, 311.86 GB without MTP; 145 files."""
+    """docs/checkpoint.md §5: 72,766 main-model tensors, 311.86 GB without MTP; 145 files
+    with model_mtp."""
     cfg = MiMoConfig.from_file(REAL_CONFIG)
     inv = hub_inventory(cfg, mtp_layers=3)
-    main = [s for s in inv if not is_mtp(s.name)]
+    main = [s for s in inv if not parse(s.name).is_mtp]
     assert len(main) == 72_766
     assert sum(s.nbytes for s in main) == 311_862_258_560
     assert len(inv) == 72_826 and sum(s.nbytes for s in inv) == 313_051_659_008
@@ -191,7 +193,7 @@ def test_model_built_from_synthetic_weights_is_sane(tiny_ckpt):
 @pytest.mark.parametrize(("preset", "layers", "experts"), [("small", 2, 4), ("full-width", 6, 2)])
 def test_presets_have_the_promised_shapes(preset, layers, experts):
     cfg = MiMoConfig.from_dict(preset_config(preset, layers, experts))
-    assert cfg.num_layers == layers and cfg.n_routed_experts == experts
+    assert cfg.num_hidden_layers == layers and cfg.n_routed_experts == experts
     if preset == "full-width":
         assert (cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.v_head_dim) == (
             4096,

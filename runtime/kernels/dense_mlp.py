@@ -3,9 +3,9 @@
 import numpy as np
 
 from runtime import ops
-from runtime.kernels.moe_expert import moe_expert
+from runtime.kernels.swiglu import swiglu
 
 
 def dense_mlp(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray, *, comm) -> np.ndarray:
     """x (T, H), gate_up (H, 2I/N), down (I/N, H) -> (T, H) summed over ranks."""
-    return ops.all_reduce(moe_expert(x, gate_up, down), comm)
+    return ops.all_reduce(swiglu(x, gate_up, down), comm)

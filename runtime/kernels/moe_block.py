@@ -9,8 +9,8 @@ compile); the all-reduce sums the ranks' partial outputs.
 import numpy as np
 
 from runtime import ops
-from runtime.kernels.moe_expert import moe_expert
 from runtime.kernels.moe_router import moe_router
+from runtime.kernels.swiglu import swiglu
 
 
 def moe_block(
@@ -35,6 +35,6 @@ def moe_block(
     hit = idx[:, :, None] == expert_ids.astype(np.uint32)[None, None, :]  # (T, k, E_l)
     gate = np.sum(np.where(hit, weights[:, :, None], np.float32(0.0)), axis=1)  # (T, E_l)
     xs = np.broadcast_to(x[None, :, :], (local, tokens, hidden))  # (E_l, T, H)
-    out = moe_expert(xs, gate_up, down)  # (E_l, T, H)
+    out = swiglu(xs, gate_up, down)  # (E_l, T, H)
     partial = np.sum(gate.T[:, :, None].astype(out.dtype) * out, axis=0)  # (T, H)
     return ops.all_reduce(partial.astype(x.dtype), comm)

@@ -3,7 +3,7 @@
 import numpy as np
 
 
-def moe_expert(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+def swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
     """x (..., T, H), gate_up (..., H, 2I) as [gate | up], down (..., I, H) -> (..., T, H)."""
     inter = down.shape[-2]
     h = np.matmul(x, gate_up).astype(np.float32)  # (..., T, 2I)

@@ -1,0 +1,122 @@
+"""Writing the manifest: the small ``manifest.json`` and one array table per store.
+
+Schema: ``manifests/manifest.schema.json``; the format is described in ``docs/format.md``.
+The manifest stays small (identity, config, options, layout, per-store totals and the sha256
+of each store's table) so a device opens without parsing every other device's records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from loader.format import FORMAT, FORMAT_VERSION, SHARED, TABLE_FORMAT, table_path
+from pipeline.plan import Plan
+from pipeline.source import ValidatedSource
+
+FUSED_KV_MIN = 0.9  # share of fused K/V blocks that must reach the FP8 maximum
+
+
+def tool_version() -> str:
+    try:
+        return version("mimo-shard")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_manifest(
+    plan: Plan,
+    checked: ValidatedSource,
+    fp: str,
+    records: dict[str, list[dict[str, Any]]],
+    files: list[str],
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(manifest, array table per store) for a finished run; ``records[unit id]`` holds each
+    output's ``bytes``/``checksum`` (and ``checks``) in the unit's output order."""
+    tables: dict[str, dict[str, Any]] = {
+        s: {"format": TABLE_FORMAT, "format_version": FORMAT_VERSION, "store": s, "arrays": []}
+        for s in plan.stores
+    }
+    for u in plan.units:
+        for a, r in zip(u.outputs, records[u.id], strict=True):
+            tables[a.store]["arrays"].append(
+                {
+                    "store": a.store,
+                    "path": a.path,
+                    "shape": list(a.shape),
+                    "dtype": a.dtype,
+                    "bytes": a.nbytes,
+                    "checksum": r["checksum"],
+                    "sources": list(u.sources),
+                    "transform": {"name": u.transform, "params": u.params},
+                    "unit": u.id,
+                    **({"checks": r["checks"]} if "checks" in r else {}),
+                }
+            )
+    stores = {}
+    for s, t in tables.items():
+        stores[s] = {
+            "path": f"{s}.zarr",
+            "arrays": len(t["arrays"]),
+            "bytes": sum(a["bytes"] for a in t["arrays"]),
+            "table": table_path(s),
+            "table_sha256": hashlib.sha256(table_bytes(t)).hexdigest(),
+        }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "mimo-shard", "version": tool_version()},
+        "created": now(),
+        "fingerprint": fp,
+        "model": {"architecture": "MiMoV2FlashForCausalLM", "config": plan.config.to_dict()},
+        "source": {
+            **checked.source.describe(),
+            "config_sha256": hashlib.sha256(checked.raw_config).hexdigest(),
+            "index_sha256": checked.index_sha256,
+            "files": dict(sorted(checked.file_sizes.items())),
+            "tensors": len(checked.weight_map),
+            "mtp_layers": checked.mtp_layers,
+        },
+        "options": plan.options.to_dict(),
+        "layout": plan.layout,
+        "stores": stores,
+        "files": files,
+        "totals": {
+            "arrays": sum(v["arrays"] for v in stores.values()),
+            "bytes": sum(v["bytes"] for v in stores.values()),
+            "shared_bytes": stores[SHARED]["bytes"],
+        },
+    }
+    return manifest, tables
+
+
+def table_bytes(table: dict[str, Any]) -> bytes:
+    """The serialised form of an array table (its sha256 is recorded in the manifest)."""
+    return (json.dumps(table, separators=(",", ":")) + "\n").encode()
+
+
+def fused_kv_warnings(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Warnings for layers whose K/V codes do not support the per-head fused scale reading."""
+    per_layer: dict[str, list[int]] = {}
+    for unit, recs in records.items():
+        for r in recs:
+            c = r.get("checks", {}).get("fused_kv")
+            if c:
+                layer = unit.split("/")[1]
+                tot = per_layer.setdefault(layer, [0, 0])
+                tot[0] += c["fused_saturated"]
+                tot[1] += c["fused_blocks"]
+    return [
+        f"layer {layer}: only {ok}/{n} fused [K_h; V_h] scale blocks reach the FP8 maximum (448); "
+        "the per-head fused K/V scale reading may not fit this checkpoint: check the layer's "
+        "K/V outputs before relying on them"
+        for layer, (ok, n) in sorted(per_layer.items(), key=lambda kv: int(kv[0]))
+        if n and ok / n < FUSED_KV_MIN
+    ]
