@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   ?= demo-out
 
-.PHONY: test demo lint plans bench clean
+.PHONY: test demo lint plans bench clean trace
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check pipeline loader runtime tests bench
+	$(PY) -m ruff check mimo pipeline loader runtime tests bench
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -34,7 +34,26 @@ plans: $(STAMP)
 	done
 
 lint: $(STAMP)
-	$(PY) -m ruff check pipeline loader runtime tests bench
+	$(PY) -m ruff check mimo pipeline loader runtime tests bench
+
+# Trace every device kernel with the real nkipy (no compiler, no device): a separate
+# virtualenv, because nkipy comes from a source checkout, e.g. make trace NKIPY_SRC=../nkipy
+TRACE_VENV  := .venv-trace
+TRACE_PY    := $(TRACE_VENV)/bin/python
+TRACE_STAMP := $(TRACE_VENV)/.installed
+NKIPY_SRC   ?=
+
+$(TRACE_STAMP): setup.cfg pyproject.toml $(wildcard $(NKIPY_SRC)/nkipy/pyproject.toml)
+	@test -n "$(NKIPY_SRC)" || { echo "make trace: set NKIPY_SRC to a checkout of github.com/aws-neuron/nkipy"; exit 2; }
+	@test -f "$(NKIPY_SRC)/nkipy/src/nkipy/core/trace.py" || { echo "make trace: NKIPY_SRC=$(NKIPY_SRC) is not an nkipy checkout (no nkipy/src/nkipy/core/trace.py)"; exit 2; }
+	test -x $(TRACE_PY) || $(PYTHON) -m venv $(TRACE_VENV)
+	$(TRACE_PY) -m pip install --quiet --disable-pip-version-check -e . numpy pytest protobuf grpcio-tools
+	$(TRACE_PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation "$(NKIPY_SRC)/nkipy"
+	$(TRACE_PY) -c "import nkipy.core.trace"
+	touch $(TRACE_STAMP)
+
+trace: $(TRACE_STAMP)
+	$(TRACE_PY) bench/trace.py
 
 clean:
 	rm -rf $(VENV) $(DEMO) bench-out .pytest_cache .ruff_cache *.egg-info

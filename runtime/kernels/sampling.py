@@ -23,7 +23,9 @@ def sample(
     values, ids = ops.topk(logits.astype(np.float32), top_k)  # (k,), (k,) descending
     probs = softmax(values / np.float32(temperature))  # (k,)
     ranks = np.arange(top_k, dtype=np.int32)
-    tri = (ranks[:, None] >= ranks[None, :]).astype(np.float32)  # (k, k) lower-triangular
+    # (k, k) lower-triangular, built on the host: a compile-time constant, which a traced matmul
+    # only accepts once ops.constant has made it a tensor (a plain array is no HLO operand)
+    tri = ops.constant((ranks[:, None] >= ranks[None, :]).astype(np.float32))
     cum = np.matmul(tri, probs)  # (k,) inclusive cumulative probability
     keep = (cum - probs) < np.float32(top_p)  # the first token is always kept
     kept = np.where(keep, probs, np.float32(0.0))
