@@ -11,7 +11,6 @@ See ``docs/checkpoint.md`` §1 for what each key means.
 
 from __future__ import annotations
 
-import json
 import math
 import stat
 from collections.abc import Callable
@@ -19,17 +18,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from mimo.jsonfile import ConfigError, load_json_object
+
 FULL = "full"
 SLIDING = "sliding"
 DENSE = "dense"
 MOE = "moe"
 
 MAX_CONFIG_BYTES = 1 << 20  # a real config.json is ~3 KB
-MAX_JSON_DEPTH = 32
-
-
-class ConfigError(ValueError):
-    """A config that cannot describe a MiMo-V2-Flash model; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -208,45 +204,6 @@ _V1_NAMES = {
     "swa_sinks": "add_swa_attention_sink_bias",
 }
 NORMALISED_FORMATS = ("mimo-shard/config-v1", NORMALISED_FORMAT)
-
-
-def load_json_object(data: bytes, limit: int) -> dict[str, Any]:
-    """Parse ``data`` as one JSON object of at most ``limit`` bytes and bounded nesting.
-
-    Raises ConfigError (no traceback-worthy exception escapes) for oversized, non-UTF-8,
-    malformed, too deeply nested or non-object input.
-    """
-    if len(data) > limit:
-        raise ConfigError(f"larger than {limit} bytes: not a config")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"not UTF-8 text (byte {e.start})") from None
-    depth = deepest = 0
-    in_str = escape = False
-    for ch in text:  # bounded nesting before json recurses
-        if in_str:
-            escape, in_str = (False, True) if escape else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_JSON_DEPTH:
-                raise ConfigError(f"nested deeper than {MAX_JSON_DEPTH} levels: not a config")
-        elif ch in "]}":
-            depth -= 1
-    try:
-        raw = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError("top level must be a JSON object")
-    return raw
-
-
-def _no_constant(name: str) -> float:
-    raise ConfigError(f"non-finite number {name} is not valid JSON")
 
 
 # ---------------------------------------------------------------------------------- the table
