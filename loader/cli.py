@@ -7,21 +7,30 @@ unexpected), 1 a finding (mismatched arrays, differences, unexpected tensors), 2
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from tqdm import tqdm
 
 from loader.display import ranges, size
 from loader.format import SHARED, device_store
-from loader.manifest import LoaderError, read_arrays, read_manifest, store_metadata
-from loader.verify import Problem, check_array
+from loader.manifest import (
+    INDEX,
+    LoaderError,
+    read_arrays,
+    read_manifest,
+    read_regular,
+    store_metadata,
+)
+from loader.verify import Problem, check_array, chunk_crc32
 from mimo.config import FULL, MOE, MiMoConfig
 
 
@@ -33,11 +42,38 @@ def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
             m["arrays"] = read_arrays(out, m)
         return m
     except LoaderError as e:
-        click.echo(f"mimo-manifest: error: {e}", err=True)
-        sys.exit(2)
+        _fail(str(e))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _fail(message: str) -> NoReturn:
+    """A user error: one line on stderr, exit code 2."""
+    click.echo(f"mimo-manifest: error: {message}", err=True)
+    sys.exit(2)
+
+
+_NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class _OneLineErrors(click.Group):
+    """Usage errors (a bad option value, a missing argument) as one line and exit code 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except _NoArgsIsHelp as e:  # no command given: the help text, as click prints it
+            click.echo(e.format_message())
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            _fail(e.format_message())
+        except click.Abort:
+            _fail("aborted")
+
+
+@click.group(
+    cls=_OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 def main() -> None:
     """Inspect, verify and compare mimo-shard outputs."""
 
@@ -173,8 +209,7 @@ def _select(m: dict[str, Any], rank: int | None) -> list[dict[str, Any]]:
         return m["arrays"]
     n = m["options"]["devices"]
     if not 0 <= rank < n:
-        click.echo(f"mimo-manifest: error: --device-rank {rank} is outside 0..{n - 1}", err=True)
-        sys.exit(2)
+        _fail(f"--device-rank {rank} is outside 0..{n - 1}")
     stores = {SHARED, device_store(rank)}
     return [a for a in m["arrays"] if a["store"] in stores]
 
@@ -182,7 +217,10 @@ def _select(m: dict[str, Any], rank: int | None) -> list[dict[str, Any]]:
 @main.command("list")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
-    "--device-rank", type=int, default=None, help="Only the shared arrays and this device's."
+    "--device-rank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only the shared arrays and this device's.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest records as JSON.")
 def list_arrays(out: Path, device_rank: int | None, as_json: bool) -> None:
@@ -195,7 +233,7 @@ def list_arrays(out: Path, device_rank: int | None, as_json: bool) -> None:
     rows = []
     for a in arrays:
         src = a["sources"]
-        first = src[0] if len(src) == 1 else f"{src[0]} (+{len(src) - 1})"
+        first = "-" if not src else src[0] if len(src) == 1 else f"{src[0]} (+{len(src) - 1})"
         rows.append(
             (
                 a["store"],
@@ -223,10 +261,18 @@ def list_arrays(out: Path, device_rank: int | None, as_json: bool) -> None:
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option(
-    "--device-rank", type=int, default=None, help="Only the shared arrays and this device's."
+    "--device-rank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Only the shared arrays and this device's.",
 )
 @click.option(
-    "--workers", "-j", type=int, default=2, show_default=True, help="Files checksummed in parallel."
+    "--workers",
+    "-j",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Files checksummed in parallel.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def verify(out: Path, device_rank: int | None, workers: int, quiet: bool) -> None:
@@ -257,7 +303,7 @@ def verify(out: Path, device_rank: int | None, workers: int, quiet: bool) -> Non
         bar.update(a["bytes"])
         return p
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         problems += [p for p in pool.map(one, arrays) if p is not None]
     bar.close()
     if problems:
@@ -275,8 +321,18 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in ca if k != "format" and ca[k] != cb.get(k))
 
 
-def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """The ``diff --json`` document: what differs in content between two manifests."""
+def differences(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    chunks: dict[tuple[str, str], tuple[str | None, str | None]] | None = None,
+) -> dict[str, Any]:
+    """The ``diff --json`` document: what differs in content between two manifests.
+
+    ``chunks`` (``diff --verify``): (store, path) -> the CRC32 recomputed from each side's chunk
+    file (None: unreadable) for the common arrays; a pair that differs is a ``chunk`` change.
+    Without it only the manifests are compared; with it the document adds
+    ``"compared": "chunks"``.
+    """
     opts = {
         k: {"a": a["options"][k], "b": b["options"][k]}
         for k in a["options"]
@@ -288,16 +344,12 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     changed = []
     for key in sorted(ia.keys() & ib.keys()):
         fields = [f for f in ("shape", "dtype", "checksum") if ia[key][f] != ib[key][f]]
+        va, vb = {f: ia[key][f] for f in fields}, {f: ib[key][f] for f in fields}
+        if chunks is not None and chunks[key][0] != chunks[key][1]:
+            fields.append("chunk")
+            va["chunk"], vb["chunk"] = (c or "unreadable" for c in chunks[key])
         if fields:
-            changed.append(
-                {
-                    "store": key[0],
-                    "path": key[1],
-                    "fields": fields,
-                    "a": {f: ia[key][f] for f in fields},
-                    "b": {f: ib[key][f] for f in fields},
-                }
-            )
+            changed.append({"store": key[0], "path": key[1], "fields": fields, "a": va, "b": vb})
     only_a = [{"store": s, "path": p} for s, p in sorted(ia.keys() - ib.keys())]
     only_b = [{"store": s, "path": p} for s, p in sorted(ib.keys() - ia.keys())]
     same_source = a["source"]["index_sha256"] == b["source"]["index_sha256"]
@@ -310,16 +362,60 @@ def differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "changed": changed,
         "same_source_index": same_source,
         "arrays": {"a": len(ia), "b": len(ib), "common": len(ia.keys() & ib.keys())},
+        **({} if chunks is None else {"compared": "chunks"}),
     }
+
+
+def chunk_checksums(
+    a_out: Path, a: dict[str, Any], b_out: Path, b: dict[str, Any], quiet: bool = True
+) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+    """(store, path) -> CRC32 recomputed from A's and B's chunk files, for the common arrays."""
+    ia = {(x["store"], x["path"]): x for x in a["arrays"]}
+    ib = {(x["store"], x["path"]): x for x in b["arrays"]}
+    common = sorted(ia.keys() & ib.keys())
+    jobs = [(a_out, ia[k]) for k in common] + [(b_out, ib[k]) for k in common]
+    bar = tqdm(
+        total=sum(r["bytes"] for _, r in jobs),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1000,
+        desc="diff",
+        disable=quiet,
+        file=sys.stderr,
+    )
+
+    def one(job: tuple[Path, dict[str, Any]]) -> str | None:
+        crc = chunk_crc32(*job)
+        bar.update(job[1]["bytes"])
+        return crc
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        crcs = list(pool.map(one, jobs))
+    bar.close()
+    n = len(common)
+    return {k: (crcs[i], crcs[n + i]) for i, k in enumerate(common)}
 
 
 @main.command()
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
-def diff(a: Path, b: Path, as_json: bool) -> None:
-    """Compare two outputs array by array (presence, shape, dtype, checksum) and their options."""
-    d = differences(_load(a), _load(b))
+@click.option(
+    "--verify",
+    "verify_chunks",
+    is_flag=True,
+    help="Also recompute both sides' chunk CRC32s and compare the bytes, not just the manifests.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar (with --verify).")
+def diff(a: Path, b: Path, as_json: bool, verify_chunks: bool, quiet: bool) -> None:
+    """Compare two outputs array by array (presence, shape, dtype, checksum) and their options.
+
+    Without --verify only the manifests are compared: a chunk changed on disk after conversion
+    is found by --verify (or by ``verify``).
+    """
+    ma, mb = _load(a), _load(b)
+    chunks = chunk_checksums(a, ma, b, mb, quiet or as_json) if verify_chunks else None
+    d = differences(ma, mb, chunks)
     if as_json:
         click.echo(json.dumps(d, indent=1))
     else:
@@ -335,7 +431,12 @@ def diff(a: Path, b: Path, as_json: bool) -> None:
             what = ", ".join(f"{f} {x['a'][f]} -> {x['b'][f]}" for f in x["fields"])
             click.echo(f"changed  {x['store']}/{x['path']}: {what}")
         n = d["arrays"]
-        verdict = "identical content" if d["identical"] else "outputs differ"
+        if not d["identical"]:
+            verdict = "outputs differ"
+        elif chunks is None:
+            verdict = "identical content (manifests compared; use --verify to compare chunk bytes)"
+        else:
+            verdict = "identical content (chunk bytes compared)"
         click.echo(f"{verdict} ({n['common']} common arrays; A {n['a']}, B {n['b']})")
     sys.exit(0 if d["identical"] else 1)
 
@@ -387,23 +488,120 @@ def _skip_reason(name: str, layers: list[int] | None, experts: list[int] | None)
     return None
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local Hugging Face cache snapshot of ``repo_id`` at ``revision`` (offline: no network).
+
+    The cache is ``$HF_HUB_CACHE`` when set (read at call time), else huggingface_hub's default.
+    """
+    from huggingface_hub import snapshot_download
+
+    rev = revision or "main"
+    try:
+        path = snapshot_download(
+            repo_id,
+            revision=rev,
+            local_files_only=True,
+            allow_patterns=["*.json"],
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+        )
+    except (OSError, ValueError) as e:  # LocalEntryNotFoundError, an invalid repo id
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoaderError(
+            f"{repo_id}: not a folder, and revision {rev} is not in the local Hugging Face cache "
+            f"(audit never downloads; {why})"
+        ) from None
+    return Path(path)
+
+
+def source_files(m: dict[str, Any], source: str, revision: str | None) -> tuple[Path, Path | None]:
+    """(index file, config.json or None) of SOURCE: a folder, an index file, or a cached repo id.
+
+    A repo id's revision defaults to the commit the output was converted from when the output
+    came from that repository, else ``main``.
+    """
+    p = Path(source)
+    if p.is_dir():
+        return p / INDEX, p / "config.json"
+    if p.exists():
+        return p, None
+    if not _REPO_ID.match(source):
+        raise LoaderError(f"{source}: no such folder or file, and not a Hub repo id (org/name)")
+    src = m["source"]
+    if revision is None and src.get("repo_id") == source:
+        revision = src.get("revision")
+    snap = cached_snapshot(source, revision)
+    return snap / INDEX, snap / "config.json"
+
+
+def _sha256(path: Path, what: str) -> tuple[bytes, str]:
+    data = read_regular(path, what)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def source_check(
+    m: dict[str, Any], index_sha256: str, config_sha256: str | None
+) -> dict[str, dict[str, Any]]:
+    """SOURCE's index (and config) sha256 against those OUT recorded, each with ``match``.
+
+    ``audit --json`` lists the mismatched ones under ``source_mismatch``.
+    """
+    src = m["source"]
+    out = {"index_sha256": {"output": src["index_sha256"], "source": index_sha256}}
+    if config_sha256 is not None:
+        out["config_sha256"] = {"output": src["config_sha256"], "source": config_sha256}
+    for v in out.values():
+        v["match"] = v["output"] == v["source"]
+    return out
+
+
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source")
+@click.option(
+    "--revision",
+    default=None,
+    help="Revision of a Hub repo id SOURCE (default: the one OUT was converted from, else main).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print every tensor's status as JSON.")
-def audit(out: Path, source: Path, as_json: bool) -> None:
-    """Account for every tensor of SOURCE's index: used, deliberately skipped, or unexpected."""
+def audit(out: Path, source: str, revision: str | None, as_json: bool) -> None:
+    """Account for every tensor of SOURCE's index: used, deliberately skipped, or unexpected.
+
+    SOURCE is a checkpoint folder, its index file, or a Hub repo id found in the local cache.
+    First checks that SOURCE is the checkpoint OUT was converted from (index and config sha256).
+    """
     m = _load(out)
-    index = source / "model.safetensors.index.json" if source.is_dir() else source
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        click.echo(f"mimo-manifest: error: {index}: cannot read the index ({e})", err=True)
-        sys.exit(2)
+        index, config = source_files(m, source, revision)
+        raw, index_sha = _sha256(index, "the checkpoint index")
+        config_sha = None
+        if config is not None and config.exists():
+            config_sha = _sha256(config, "the checkpoint config")[1]
+    except LoaderError as e:
+        _fail(str(e))
+    try:
+        weight_map = json.loads(raw)["weight_map"]
+    except (ValueError, RecursionError, KeyError, TypeError) as e:
+        _fail(f"{index}: cannot read the index ({type(e).__name__}: {e})".splitlines()[0])
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        _fail(f"{index}: 'weight_map' must map tensor names to file names")
     r = audit_report(m, weight_map)
+    check = source_check(m, index_sha, config_sha)
+    mismatched = [k for k, v in check.items() if not v["match"]]
+    if mismatched:  # a finding: the key is present only then
+        r["source_mismatch"] = {k: check[k] for k in mismatched}
     if as_json:
         click.echo(json.dumps(r, indent=1))
     else:
+        for k in mismatched:
+            v = check[k]
+            what = "index" if k == "index_sha256" else "config.json"
+            click.echo(
+                f"SOURCE DIFFERS  {what} sha256 {v['source'][:12]} is not the {v['output'][:12]} "
+                f"recorded in {out}: {source} is not the checkpoint this output was converted from"
+            )
         c = r["counts"]
         click.echo(
             f"{c['total']} source tensors: {c['used']} used, {c['skipped']} skipped, "
@@ -416,7 +614,8 @@ def audit(out: Path, source: Path, as_json: bool) -> None:
                 click.echo(f"  UNEXPECTED {name}")
         for name in r["sources_missing_from_index"]:
             click.echo(f"  MISSING FROM INDEX {name}")
-    sys.exit(1 if r["counts"]["unexpected"] or r["sources_missing_from_index"] else 0)
+    found = mismatched or r["counts"]["unexpected"] or r["sources_missing_from_index"]
+    sys.exit(1 if found else 0)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ unless ``verify=True``, which recomputes every checksum.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import resource
+import stat
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
@@ -145,12 +147,16 @@ def _map(out: Path, rec: dict[str, Any]) -> np.ndarray:
     path = chunk_path(out, rec["store"], rec["path"], shape)
     store, name = rec["store"], rec["path"]
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        why = f"chunk file {path} does not exist"
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
+    except OSError as e:
+        why = f"chunk file {path} does not exist" if e.errno == errno.ENOENT else f"{path}: {e}"
         raise LoaderError(f"{out}: {Problem(store, name, 'missing', why)}") from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            why = f"chunk file {path} is not a regular file"
+            raise LoaderError(f"{out}: {Problem(store, name, 'missing', why)}")
+        size = st.st_size
         if size != rec["bytes"]:
             why = f"chunk file has {size} bytes, manifest says {rec['bytes']}"
             raise LoaderError(f"{out}: {Problem(store, name, 'size', why)}")

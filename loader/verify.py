@@ -9,6 +9,8 @@ checksums are verified, the manifest's CRC32.
 
 from __future__ import annotations
 
+import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,30 +36,40 @@ def metadata_problem(rec: dict[str, Any], meta: dict[str, Any] | None) -> str | 
         return "not in the store's zarr metadata"
     shape = tuple(rec["shape"])
     want_dtype = storage_dtype(rec["dtype"]).name
-    if tuple(meta.get("shape", ())) != shape:
+    if not isinstance(meta.get("shape"), list) or tuple(meta["shape"]) != shape:
         return f"zarr shape {meta.get('shape')} != manifest {list(shape)}"
     if meta.get("data_type") != want_dtype:
         return f"zarr data_type {meta.get('data_type')!r} != {want_dtype!r}"
-    logical = (meta.get("attributes") or {}).get("logical_dtype")
+    logical = _field(meta, "attributes", "logical_dtype")
     if rec["dtype"] not in CORE_DTYPES and logical != rec["dtype"]:
         return f"logical_dtype {logical!r} != manifest {rec['dtype']!r}"
-    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-    if tuple(grid or ()) != chunk_shape(shape):
+    grid = _field(meta, "chunk_grid", "configuration", "chunk_shape")
+    if not isinstance(grid, list) or tuple(grid) != chunk_shape(shape):
         return f"chunk shape {grid} is not the whole array"
-    codecs = meta.get("codecs") or []
+    codecs = meta.get("codecs")
     if (
-        len(codecs) != 1
-        or codecs[0].get("name") != "bytes"
-        or ((codecs[0].get("configuration") or {}).get("endian", "little") != "little")
+        not isinstance(codecs, list)
+        or len(codecs) != 1
+        or _field(codecs[0], "name") != "bytes"
+        or (_field(codecs[0], "configuration", "endian") or "little") != "little"
     ):
         return f"codecs {codecs} are not raw little-endian bytes"
-    key = meta.get("chunk_key_encoding", {})
+    key = meta.get("chunk_key_encoding")
     if (
-        key.get("name") != "default"
-        or (key.get("configuration") or {}).get("separator", "/") != "/"
+        _field(key, "name") != "default"
+        or (_field(key, "configuration", "separator") or "/") != "/"
     ):
         return f"chunk key encoding {key} is not the default '/'"
     return None
+
+
+def _field(obj: Any, *keys: str) -> Any:
+    """``obj[k1][k2]...``, or None where a level is missing or not an object."""
+    for k in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(k)
+    return obj
 
 
 def crc32_file(path: Path, buf_bytes: int = 8 << 20) -> str:
@@ -71,6 +83,17 @@ def crc32_file(path: Path, buf_bytes: int = 8 << 20) -> str:
     return f"crc32:{crc:08x}"
 
 
+def chunk_crc32(out: Path, rec: dict[str, Any]) -> str | None:
+    """``crc32:xxxxxxxx`` recomputed from the chunk file of ``rec``; None when it is unreadable."""
+    chunk = Path(chunk_path(out, rec["store"], rec["path"], tuple(rec["shape"])))
+    try:
+        if not stat.S_ISREG(os.stat(chunk).st_mode):
+            return None
+        return crc32_file(chunk)
+    except OSError:
+        return None
+
+
 def check_array(
     out: Path, rec: dict[str, Any], meta: dict[str, Any] | None, checksum: bool = False
 ) -> Problem | None:
@@ -81,15 +104,22 @@ def check_array(
         return Problem(store, path, "metadata", why)
     chunk = Path(chunk_path(out, store, path, tuple(rec["shape"])))
     try:
-        size = chunk.stat().st_size
+        st = os.stat(chunk)
     except FileNotFoundError:
         return Problem(store, path, "missing", f"chunk file {chunk} does not exist")
-    if size != rec["bytes"]:
+    except OSError as e:
+        return Problem(store, path, "missing", f"chunk file {chunk}: {e.strerror or e}")
+    if not stat.S_ISREG(st.st_mode):
+        return Problem(store, path, "missing", f"chunk file {chunk} is not a regular file")
+    if st.st_size != rec["bytes"]:
         return Problem(
-            store, path, "size", f"chunk file has {size} bytes, manifest says {rec['bytes']}"
+            store, path, "size", f"chunk file has {st.st_size} bytes, manifest says {rec['bytes']}"
         )
     if checksum:
-        got = crc32_file(chunk)
+        try:
+            got = crc32_file(chunk)
+        except OSError as e:
+            return Problem(store, path, "missing", f"chunk file {chunk}: {e.strerror or e}")
         if got != rec["checksum"]:
             return Problem(store, path, "checksum", f"{got} != manifest {rec['checksum']}")
     return None
