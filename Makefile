@@ -12,11 +12,19 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
+# The demo needs the runtime dependencies only (no torch, no transformers): same .venv, own stamp.
+DEMO_STAMP := $(VENV)/.installed-demo
+
+$(DEMO_STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $(DEMO_STAMP)
+
 test: $(STAMP)
 	$(PY) -m ruff check mimo pipeline loader runtime tests bench
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	rm -rf $(DEMO)
 	$(PY) -m pipeline.synth $(DEMO)/checkpoint --preset tiny
 	$(VENV)/bin/mimo-shard $(DEMO)/checkpoint $(DEMO)/out --devices 4
@@ -25,12 +33,14 @@ demo: $(STAMP)
 	$(VENV)/bin/mimo-run $(DEMO)/out --prompt "The river ran low that summer, and" \
 	    --max-new-tokens 24 --temperature 0.8 --seed 1 --json
 
+PLAN := $(PY) -m pipeline.cli --dry-run --config manifests/mimo-v2-flash/config.json --workers 4
+
 plans: $(STAMP)
 	for n in 32 64; do \
-	  $(PY) -m pipeline.cli --dry-run --config manifests/mimo-v2-flash/config.json --devices $$n --workers 4 \
-	    > manifests/mimo-v2-flash/dry-run-$$n.txt; \
-	  $(PY) -m pipeline.cli --dry-run --config manifests/mimo-v2-flash/config.json --devices $$n --workers 4 --json \
-	    > manifests/mimo-v2-flash/dry-run-$$n.json; \
+	  $(PLAN) --devices $$n > manifests/mimo-v2-flash/dry-run-$$n.txt; \
+	  $(PLAN) --devices $$n --json > manifests/mimo-v2-flash/dry-run-$$n.json; \
+	  $(PLAN) --devices $$n --expert-dtype float8_e4m3fn > manifests/mimo-v2-flash/dry-run-$$n-fp8.txt; \
+	  $(PLAN) --devices $$n --expert-dtype float8_e4m3fn --json > manifests/mimo-v2-flash/dry-run-$$n-fp8.json; \
 	done
 
 lint: $(STAMP)

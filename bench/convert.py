@@ -1,32 +1,45 @@
 """Conversion speed and memory against the raw-I/O floor, measured in one run.
 
-For each checkpoint size (full-width synthetic checkpoints: real tensor shapes, few layers):
+On a full-width synthetic checkpoint (the real tensor shapes, 6 layers and 8 experts, about
+4.5 GB; written once and kept under ``--work``), for ``--expert-dtype bfloat16`` and
+``float8_e4m3fn``:
 
-- floor: read every source byte, then write the output's byte count, with plain sequential I/O
-  and an fsync; and the same with O_DIRECT writes (the disk's own speed: on VMs the page-cache
-  copy of buffered writes costs CPU time that depends on the guest's memory state);
-- mimo-shard: the conversion in a child process; wall time and peak RSS (``wait4`` rusage).
+- floors: read every source byte, then write the output's byte count sequentially with an
+  fsync, once with plain buffered writes and once with O_DIRECT (the disk's own speed: on VMs the
+  page-cache copy of buffered writes costs CPU time that depends on the guest's memory state);
+- mimo-shard: the conversion in a child process; wall time, peak RSS (``wait4`` rusage) and
+  output bytes; the BF16 conversion also with ``--workers 1`` and ``2`` (the speed-up).
 
-The source is read once first so both sides read it from the page cache; floor and conversion
-then alternate ``--repeats`` times and the best of each is compared (the machine is shared).
+The source is read once first so every side reads it from the page cache; floors and
+conversions alternate ``--repeats`` times and the best of each is kept (the machine is shared).
 
-Also: the FP8 -> BF16 dequantisation rate of one core (the table-lookup kernel alone, and with the
-transposition into kernel layout), and the cost of the manifest checksum (CRC32) against SHA-256.
+Also measured: the per-array metadata cost (zarr-python's ``create_array`` against the
+converter's direct ``zarr.json`` writes), one core's rate of the FP8 -> BF16 kernel (GB/s of BF16
+output) and of the FP8 expert code copy, the kernel's speed-up from 1 to 2 threads, and the
+checksum (CRC32). Last, a projection for the real model from the plans in
+``manifests/mimo-v2-flash`` (source bytes, output bytes) on a host with C cores and a disk of
+D GB/s: ``max((read + write bytes) / D, CPU seconds / C)``, where CPU seconds are the output
+bytes over the measured per-core rate (BF16 outputs at the kernel's, FP8 expert codes at the
+copy's).
 
-    python bench/convert.py [--layers 6 12] [--experts 8] [--devices 4] [--workers 3]
-                            [--repeats 2] [--work bench-out] [--keep]
+    python bench/convert.py [--layers 6] [--experts 8] [--devices 4] [--workers 3]
+                            [--repeats 2] [--work bench-out] [--clean]
 
-Goals: conversion / floor <= 1.3; peak RSS <= 2 GB and flat across sizes; dequant >= 1 GB/s/core.
+Goals: time / faster floor <= 1.5 (BF16 experts), <= 1.2 (FP8 experts); kernel >= 1.5 GB/s of
+BF16 output per core; 2 workers >= 1.8x one; peak RSS <= 2 GB; real model on 32 cores and a
+2 GB/s disk <= 10 min (BF16).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -36,12 +49,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from loader.format import CORE_DTYPES, chunk_shape, storage_dtype  # noqa: E402
 from mimo.fp8 import standard_row_scales  # noqa: E402
-from pipeline.fp8 import BF16, dequantise_transposed, quantise  # noqa: E402
+from pipeline.convert import make_plan  # noqa: E402
+from pipeline.fp8 import BF16, quantise  # noqa: E402
+from pipeline.fp8_codes import transpose_codes_into  # noqa: E402
+from pipeline.fp8_kernel import dequantise_into  # noqa: E402
+from pipeline.memory import peak_memory  # noqa: E402
+from pipeline.plan import OutputArray  # noqa: E402
+from pipeline.reading import ROW_PAD  # noqa: E402
+from pipeline.source import LocalSource  # noqa: E402
+from pipeline.store import create_array_metadata, create_store  # noqa: E402
 from pipeline.synth import preset_config, write_checkpoint  # noqa: E402
-from pipeline.transforms import ROW_PAD, transpose_into  # noqa: E402
 
 CHUNK = 64 << 20
+PLANS = ROOT / "manifests" / "mimo-v2-flash"
+EXPERT_DTYPES = ("bfloat16", "float8_e4m3fn")
+HOSTS = [(c, d) for c in (32, 192) for d in (2, 8)]  # (cores, disk GB/s) of the projection
 
 
 def checkpoint(work: Path, layers: int, experts: int) -> Path:
@@ -83,21 +107,13 @@ def raw_floor(src: Path, out_bytes: int, dest: Path, direct: bool = False) -> fl
     return dt
 
 
-def run_convert(src: Path, out: Path, devices: int, workers: int) -> tuple[float, int, str]:
-    """(seconds, peak RSS bytes, summary line) of a mimo-shard child process."""
+def run_convert(
+    src: Path, out: Path, devices: int, workers: int, expert_dtype: str
+) -> tuple[float, int, int]:
+    """(seconds, peak RSS bytes, output bytes) of a mimo-shard child process."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        str(src),
-        str(out),
-        "--devices",
-        str(devices),
-        "--workers",
-        str(workers),
-        "--quiet",
-    ]
+    cmd = [sys.executable, "-m", "pipeline.cli", str(src), str(out), "--devices", str(devices)]
+    cmd += ["--workers", str(workers), "--expert-dtype", expert_dtype, "--quiet"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     _, status, usage = os.wait4(p.pid, 0)
@@ -105,109 +121,228 @@ def run_convert(src: Path, out: Path, devices: int, workers: int) -> tuple[float
     line = p.stdout.read().strip()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"mimo-shard failed: {line}")
-    return dt, usage.ru_maxrss * 1024, line
+    nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    shutil.rmtree(out)
+    return dt, usage.ru_maxrss * 1024, nbytes
 
 
-def output_bytes(out: Path) -> int:
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+def best(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def metadata_cost(work: Path, n: int = 300) -> dict[str, float]:
+    """Milliseconds per array of zarr-python's ``create_array`` and of the direct writes."""
+    import zarr
+    from zarr.codecs import BytesCodec
+
+    dtypes = ("bfloat16", "float32", "float8_e4m3fn")
+    specs = [
+        OutputArray("device-000", f"layers/{i // 8}/experts/a{i % 8}", (8, 64, 32), dtypes[i % 3])
+        for i in range(n)
+    ]
+
+    def with_zarr(root: Path, spec: OutputArray) -> None:  # what the converter used to call
+        raw = storage_dtype(spec.dtype)
+        zarr.create_array(
+            store=root / "device-000.zarr",
+            name=spec.path,
+            shape=spec.shape,
+            chunks=chunk_shape(spec.shape),
+            dtype=raw,
+            compressors=None,
+            filters=None,
+            serializer=BytesCodec(endian="little") if raw.itemsize > 1 else BytesCodec(),
+            fill_value=0,
+            attributes={} if spec.dtype in CORE_DTYPES else {"logical_dtype": spec.dtype},
+            zarr_format=3,
+            overwrite=True,
+        )
+
+    out = {}
+    for name, fn in (("zarr.create_array", with_zarr), ("direct zarr.json", create_array_metadata)):
+        times = []
+        for _ in range(3):
+            root = Path(tempfile.mkdtemp(dir=work))
+            create_store(root, "device-000", {})
+            t0 = time.perf_counter()
+            for s in specs:
+                fn(root, s)
+            times.append((time.perf_counter() - t0) / n * 1e3)
+            shutil.rmtree(root)
+        out[name] = min(times)
+    return out
 
 
 def core_rates() -> dict[str, float]:
-    """Single-thread rates in GB/s of BF16 output (or of hashed bytes)."""
+    """One thread's rates, GB/s of output (of hashed bytes for CRC32); and the kernel's
+    throughput with two threads on two tensors, as a multiple of one thread's."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((4096, 4096), dtype=np.float32)
-    rows = standard_row_scales(4096, 128)
-    codes, scales = quantise(w, rows, 32, 128)
-    out = np.empty((4096, 4096), BF16)
+    rows, cols = 2048, 4096  # a routed expert's gate/up: [moe_intermediate, hidden]
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    row_scale = standard_row_scales(rows, 128)
+    codes, scales = quantise(w, row_scale, 16, 128)
 
-    def best(fn, reps=5):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    def padded() -> np.ndarray:  # codes as the converter reads them: rows ROW_PAD bytes apart
+        buf = np.empty((rows, cols + ROW_PAD), np.uint8)[:, :cols]
+        buf[...] = codes.view(np.uint8)
+        return buf
 
-    nbytes = out.nbytes
-    data = memoryview(out.view(np.uint8).reshape(-1))
-    codes_u8 = np.empty((4096, 4096 + ROW_PAD), np.uint8)[:, :4096]  # as the converter reads them
-    codes_u8[...] = codes.view(np.uint8)
-    codes_t = transpose_into(codes_u8, np.empty((4096, 4096), np.uint8))
+    inputs = [padded(), padded()]
+    outs = [np.empty((cols, rows), BF16), np.empty((cols, rows), BF16)]
+    code_out = np.empty((cols, rows), np.uint8)
 
-    def convert_path():  # what the converter runs: transpose the codes, dequantise into place
-        transpose_into(codes_u8, codes_t)
-        dequantise_transposed(codes_t, scales, rows, 128, BF16, out)
+    def kernel(i: int) -> None:
+        dequantise_into(inputs[i], scales, row_scale, 128, outs[i])
 
+    def two_threads() -> None:
+        ts = [threading.Thread(target=kernel, args=(i,)) for i in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    nbytes = outs[0].nbytes
+    one = best(lambda: kernel(0))
+    two = best(two_threads)
+    data = memoryview(outs[0].view(np.uint8).reshape(-1))
     return {
-        "dequant": nbytes
-        / best(lambda: dequantise_transposed(codes_t, scales, rows, 128, BF16, out))
+        "kernel": nbytes / one / 1e9,
+        "kernel 2 threads": 2 * one / two,
+        "code copy": code_out.nbytes
+        / best(lambda: transpose_codes_into(inputs[0], code_out))
         / 1e9,
-        "dequant+transpose": nbytes / best(convert_path) / 1e9,
         "crc32": nbytes / best(lambda: zlib.crc32(data)) / 1e9,
-        "sha256": nbytes / best(lambda: hashlib.sha256(data).digest()) / 1e9,
     }
+
+
+def real_model() -> dict[str, dict[str, int]]:
+    """Per expert dtype: source bytes, output bytes, and the FP8 code/scale bytes among them."""
+    out = {}
+    for dtype, name in zip(EXPERT_DTYPES, ("dry-run-32.json", "dry-run-32-fp8.json"), strict=True):
+        plan = json.loads((PLANS / name).read_text())
+        fp8 = sum(
+            k["bytes"] * k["arrays"] for k in plan["kinds"] if k["dtype"].startswith("float8")
+        )
+        scales = sum(
+            k["bytes"] * k["arrays"] for k in plan["kinds"] if k["path"].endswith("_scale")
+        )
+        out[dtype] = {
+            "in": plan["source_bytes"],
+            "out": plan["bytes"]["total"],
+            "fp8": fp8 + scales,
+        }
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, nargs="+", default=[6, 12])
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side (best is kept)")
-    ap.add_argument("--keep", action="store_true", help="keep checkpoints for the next run")
+    ap.add_argument("--clean", action="store_true", help="remove the checkpoint afterwards")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
-    rows = []
-    for layers in args.layers:
-        src = checkpoint(args.work, layers, args.experts)
-        out = args.work / "out"
-        src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-        raw_floor(src, 0, args.work / "floor.bin")  # warm the page cache: both sides read warm
-        convs, floors, directs, rss, out_b, line = [], [], [], 0, 0, ""
-        for _ in range(args.repeats):  # alternate, so drift and noise hit both sides alike
-            dt, peak, line = run_convert(src, out, args.devices, args.workers)
-            out_b = output_bytes(out)
-            shutil.rmtree(out)
-            convs.append(dt)
-            rss = max(rss, peak)
-            floors.append(raw_floor(src, out_b, args.work / "floor.bin"))
-            directs.append(raw_floor(src, out_b, args.work / "floor.bin", direct=True))
-        rows.append((layers, src_bytes, out_b, min(convs), min(floors), min(directs), rss))
-        print(line, flush=True)
-        if not args.keep:
-            shutil.rmtree(src)
-
+    meta = metadata_cost(args.work)
+    src = checkpoint(args.work, args.layers, args.experts)
+    src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    out, floor_file = args.work / "out", args.work / "floor.bin"
+    raw_floor(src, 0, floor_file)  # warm the page cache: every side reads warm
+    runs = [(d, args.workers) for d in EXPERT_DTYPES] + [("bfloat16", 1), ("bfloat16", 2)]
+    conv: dict[tuple[str, int], list[float]] = {r: [] for r in runs}
+    floors: dict[tuple[str, bool], list[float]] = {}
+    rss: dict[tuple[str, int], int] = {}
+    out_bytes: dict[str, int] = {}
+    for rep in range(args.repeats):  # alternate, so drift and noise hit every side alike
+        for dtype, workers in runs:
+            dt, peak, nbytes = run_convert(src, out, args.devices, workers, dtype)
+            conv[(dtype, workers)].append(dt)
+            rss[(dtype, workers)] = max(rss.get((dtype, workers), 0), peak)
+            out_bytes[dtype] = nbytes
+            print(f"  repeat {rep + 1}: {dtype} experts, {workers} workers: {dt:.1f} s", flush=True)
+            if workers == args.workers:
+                for direct in (False, True):
+                    t = raw_floor(src, nbytes, floor_file, direct)
+                    floors.setdefault((dtype, direct), []).append(t)
+    estimate = {  # the converter's own memory model, for comparison with the peak RSS
+        d: peak_memory(make_plan(LocalSource(src), args.devices, expert_dtype=d)[0], args.workers)
+        for d in EXPERT_DTYPES
+    }
+    if args.clean:
+        shutil.rmtree(src)
     rates = core_rates()
+
     print()
-    print("floor: plain buffered writes + fsync; direct: the same bytes written with O_DIRECT")
     print(
-        f"{'layers':>6} {'source GB':>10} {'output GB':>10} {'convert s':>10} {'floor s':>8} "
-        f"{'ratio':>6} {'direct s':>9} {'ratio':>6} {'MB/s out':>9} {'peak RSS GB':>12}"
+        f"full-width checkpoint, {args.layers} layers, {args.experts} experts: "
+        f"{src_bytes / 1e9:.2f} GB; {args.devices} devices, {args.workers} workers, "
+        f"best of {args.repeats}"
     )
-    for layers, sb, ob, conv, floor, direct, rss in rows:
-        print(
-            f"{layers:>6} {sb / 1e9:>10.2f} {ob / 1e9:>10.2f} {conv:>10.1f} {floor:>8.1f} "
-            f"{conv / floor:>6.2f} {direct:>9.1f} {conv / direct:>6.2f} {ob / conv / 1e6:>9.0f} "
-            f"{rss / 1e9:>12.2f}"
-        )
-    if len(rows) > 1:
-        print(
-            f"peak RSS growth from {rows[0][0]} to {rows[-1][0]} layers: "
-            f"{rows[-1][6] / rows[0][6]:.2f}x for {rows[-1][1] / rows[0][1]:.2f}x the source"
-        )
-    print()
-    print("one core, GB/s of BF16 output (hashes: GB/s hashed):")
-    for k, v in rates.items():
-        print(f"  {k:18} {v:6.2f}")
-    last = rows[-1]
     print(
-        f"CRC32 of the output costs {last[2] / rates['crc32'] / 1e9 / last[3] * 100:.1f}% of the "
-        f"conversion time (SHA-256 would cost "
-        f"{last[2] / rates['sha256'] / 1e9 / last[3] * 100:.1f}%)"
+        "floor: read the source + write the output's bytes, plain buffered writes + fsync; "
+        "direct: the same with O_DIRECT writes"
+    )
+    print(
+        f"{'experts':>14} {'output GB':>10} {'convert s':>10} {'floor s':>8} {'ratio':>6} "
+        f"{'direct s':>9} {'ratio':>6} {'/faster':>8} {'peak RSS GB':>12} {'estimate GB':>12}"
+    )
+    for dtype in EXPERT_DTYPES:
+        c = min(conv[(dtype, args.workers)])
+        f, d = min(floors[(dtype, False)]), min(floors[(dtype, True)])
+        est = estimate[dtype] / 1e9
+        print(
+            f"{dtype:>14} {out_bytes[dtype] / 1e9:>10.2f} {c:>10.1f} {f:>8.1f} {c / f:>6.2f} "
+            f"{d:>9.1f} {c / d:>6.2f} {c / min(f, d):>8.2f} "
+            f"{rss[(dtype, args.workers)] / 1e9:>12.2f} {est:>12.2f}"
+        )
+    w1, w2 = min(conv[("bfloat16", 1)]), min(conv[("bfloat16", 2)])
+    print(
+        f"BF16 conversion: 1 worker {w1:.1f} s, 2 workers {w2:.1f} s: speed-up {w1 / w2:.2f}x "
+        f"(peak RSS {rss[('bfloat16', 1)] / 1e9:.2f} / {rss[('bfloat16', 2)] / 1e9:.2f} GB)"
+    )
+    print()
+    print("per-array metadata, ms/array: " + ", ".join(f"{k} {v:.2f}" for k, v in meta.items()))
+    print(
+        "one core: "
+        + ", ".join(f"{k} {v:.2f} GB/s" for k, v in rates.items() if k != "kernel 2 threads")
+        + " (GB/s of output; CRC32: of hashed bytes)"
+    )
+    print(f"FP8 -> BF16 kernel, 2 threads on 2 tensors: {rates['kernel 2 threads']:.2f}x one")
+    print()
+    print(
+        "real model projection: max((read + write bytes) / D, output bytes / (C x per-core rate));"
+    )
+    print(
+        f"  per-core rate: {rates['kernel']:.2f} GB/s for BF16 outputs (the kernel), "
+        f"{rates['code copy']:.2f} GB/s for FP8 expert codes and scales (the copy)"
+    )
+    real = real_model()
+    print(
+        f"{'experts':>14} {'in GB':>7} {'out GB':>7} "
+        + " ".join(f"{f'C={c} D={d}':>13}" for c, d in HOSTS)
+    )
+    for dtype, r in real.items():
+        cpu = (r["out"] - r["fp8"]) / (rates["kernel"] * 1e9) + r["fp8"] / (
+            rates["code copy"] * 1e9
+        )
+        cells = []
+        for cores, disk in HOSTS:
+            t = max((r["in"] + r["out"]) / (disk * 1e9), cpu / cores)
+            bound = "disk" if (r["in"] + r["out"]) / (disk * 1e9) >= cpu / cores else "cpu"
+            cells.append(f"{t / 60:>7.1f} m {bound:>4}")
+        print(f"{dtype:>14} {r['in'] / 1e9:>7.0f} {r['out'] / 1e9:>7.0f} " + " ".join(cells))
+    print(
+        f"CRC32 of the output costs {1 / rates['crc32'] / (1 / rates['kernel']) * 100:.0f}% of "
+        "the kernel's time per byte"
     )
 
 

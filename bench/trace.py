@@ -52,6 +52,7 @@ from mimo.config import FULL, MOE, MiMoConfig  # noqa: E402
 from pipeline.plan import Options, build_plan  # noqa: E402
 from runtime.kernels.attention_full import attention_full  # noqa: E402
 from runtime.kernels.attention_swa import attention_swa  # noqa: E402
+from runtime.kernels.decoder import LAYER, LAYER_STATE, final_logits, next_token  # noqa: E402
 from runtime.kernels.dense_mlp import dense_mlp  # noqa: E402
 from runtime.kernels.logits import logits  # noqa: E402
 from runtime.kernels.moe_block import moe_block  # noqa: E402
@@ -63,6 +64,7 @@ from runtime.kernels.softmax import softmax  # noqa: E402
 from runtime.kernels.swiglu import swiglu  # noqa: E402
 from runtime.kernels.token_embedding import token_embedding  # noqa: E402
 from runtime.neuron import OUTPUT_RULES  # noqa: E402
+from runtime.resident import BF16, buckets, chunks  # noqa: E402
 
 try:  # the expert weights' on-device FP8 dequantisation, not yet called by the model
     from runtime.kernels.fp8_dequant import dequant_blocks  # noqa: E402
@@ -79,7 +81,11 @@ NOT_TRACED = {
     "project_out": "part of attention_full / attention_swa",
     "attend": "part of attention_full / attention_swa",
     "rope_tables": "host side: builds the cos/sin inputs",
+    "expert_weights": "part of the fused MoE layers",
+    "moe_mlp": "part of the fused MoE layers",
+    "layer_swa_dense": "no MiMo-V2-Flash layer is sliding with a dense MLP (NumPy-tested)",
 }
+FUSED_MODULE = "runtime.kernels.decoder"  # traced by fused_cases, not kernel_cases
 # what generate.py samples with by default
 SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
 
@@ -267,6 +273,106 @@ def _layer_cases(
     return cases
 
 
+def fused_cases(config: Path, devices: int, tokens: int, max_seq_len: int) -> list[Case]:
+    """The fused device path's calls for one step of ``tokens`` (a bucket, or 1 for decode):
+    embedding, one layer kernel per layer kind (bf16 caches), logits, the device-side pick."""
+    cfg = load_config(config)
+    arrays, layout = device_arrays(config, devices)
+    comm, t, h = TraceComm(devices), tokens, cfg.hidden_size
+    eps = cfg.rms_norm_eps
+    cases = [
+        Case("fused embedding", token_embedding, {"ids": ((t,), I32), "table": arrays["embed"]})
+    ]
+    for index in layer_kinds(cfg):
+        spec, lp = cfg.layer(index), f"layers/{index}"
+        (h0, h1), (g0, g1) = (
+            layout["attention"][str(index)][0][k] for k in ("q_heads", "kv_heads")
+        )
+        kv, d, dv = g1 - g0, spec.head_dim, spec.v_head_dim
+        kernel = LAYER[(spec.attention, spec.mlp)]
+        rope = ((t, spec.rotary_dim), F32)
+        a = {
+            "x": ((t, h), F32),
+            "input_norm": arrays[f"{lp}/input_norm"],
+            "post_attn_norm": arrays[f"{lp}/post_attn_norm"],
+            "qkv_w": arrays[f"{lp}/attn/qkv"],
+            "o_w": arrays[f"{lp}/attn/o"],
+            "positions": ((t,), I32),
+            "cos": rope,
+            "sin": rope,
+        }
+        if spec.sinks:
+            a["sinks"] = arrays[f"{lp}/attn/sinks"]
+        static = {
+            "heads": h1 - h0,
+            "kv_heads": kv,
+            "head_dim": d,
+            "v_head_dim": dv,
+            "value_scale": cfg.attention_value_scale,
+            "eps": eps,
+            "comm": comm,
+        }
+        if spec.mlp == MOE:
+            gate_up = arrays[f"{lp}/experts/gate_up"]
+            a |= {
+                "router_w": arrays[f"{lp}/router"],
+                "choice_bias": arrays[f"{lp}/router_bias"],
+                "expert_ids": ((gate_up[0][0],), U32),
+                "gate_up": gate_up,
+                "down": arrays[f"{lp}/experts/down"],
+            }
+            static |= {
+                "top_k": cfg.num_experts_per_tok,
+                "norm_topk": cfg.norm_topk_prob,
+                "scaling": cfg.routed_scaling_factor,
+            }
+        else:
+            a |= {"gate_up": arrays[f"{lp}/mlp/gate_up"], "down": arrays[f"{lp}/mlp/down"]}
+        if spec.attention == FULL:
+            a |= {
+                "cache_k": ((max_seq_len, kv, d), BF16),
+                "cache_v": ((max_seq_len, kv, dv), BF16),
+                "write": ((t,), I32),
+                "keep": ((t,), I32),
+            }
+        else:
+            ring, w = spec.window - 1, min(t, spec.window - 1)
+            a |= {
+                "ring_k": ((ring, kv, d), BF16),
+                "ring_v": ((ring, kv, dv), BF16),
+                "ring_pos": ((ring,), I32),
+                "src": ((w,), I32),
+                "slots": ((w,), I32),
+                "keep": ((w,), I32),
+            }
+            static["window"] = spec.window
+        kind = f"{spec.attention}{'+sinks' if spec.sinks else ''}+{spec.mlp} L{index}"
+        cases.append(
+            Case(f"fused {kernel.__name__} {kind}", kernel, a, static, LAYER_STATE[kernel])
+        )
+    cases.append(
+        Case(
+            "fused final_logits",
+            final_logits,
+            {"x": ((t, h), F32), "norm_w": arrays["norm"], "lm_head_w": arrays["lm_head"]},
+            {"eps": eps, "comm": comm},
+        )
+    )
+    vocab = ((t, cfg.vocab_size), F32)
+    top_k = min(SAMPLING["top_k"], cfg.vocab_size)
+    pick = {"logits": vocab, "row": ((1,), I32), "u": ((1,), F32)}
+    cases += [
+        Case(
+            "fused next_token greedy",
+            next_token,
+            pick,
+            {"temperature": None, "top_k": top_k, "top_p": 1.0},
+        ),
+        Case("fused next_token sample", next_token, pick, {**SAMPLING, "top_k": top_k}),
+    ]
+    return cases
+
+
 def _dequant_case(label: str, shape: tuple[int, ...]) -> Case:
     """FP8 codes of one expert weight (E_l, K, N) and their block scales."""
     *lead, k, n = shape
@@ -320,8 +426,11 @@ def check_module(case: Case, module: Any) -> str | None:
 def untraced_kernels(cases: Iterable[Case]) -> list[str]:
     """Public functions of runtime/kernels that no case traces and NOT_TRACED does not excuse."""
     traced = {c.kernel.__name__ for c in cases}
+    fused = any(c.kernel.__module__ == FUSED_MODULE for c in cases)
     missing = []
     for info in pkgutil.iter_modules(runtime.kernels.__path__):
+        if f"runtime.kernels.{info.name}" == FUSED_MODULE and not fused:
+            continue  # the fused path's kernels: checked with fused_cases (main does)
         mod = importlib.import_module(f"runtime.kernels.{info.name}")
         for name, fn in inspect.getmembers(mod, inspect.isfunction):
             if fn.__module__ != mod.__name__ or name.startswith("_"):
@@ -351,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=CONFIG)
     p.add_argument("--devices", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--prompt", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--prompt", type=int, nargs="+", default=[5, 37, 300])
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--json", type=Path, help="also write every op count to this file")
     args = p.parse_args(argv)
@@ -370,10 +479,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start, failures, report = time.perf_counter(), 0, []
+    sizes = buckets(args.max_seq_len)
+    used = sorted({b for n in args.prompt for _, b in chunks(n, sizes)})
     for devices in args.devices:
-        for phase, tokens in [*(("prefill", n) for n in args.prompt), ("decode", 1)]:
+        steps = [*(("prefill", n, False) for n in args.prompt), ("decode", 1, False)]
+        steps += [*(("fused prefill bucket", b, True) for b in used), ("fused decode", 1, True)]
+        for phase, tokens, fused in steps:
             try:
-                cases = kernel_cases(args.config, devices, tokens, args.max_seq_len)
+                make = fused_cases if fused else kernel_cases
+                cases = make(args.config, devices, tokens, args.max_seq_len)
             except ValueError as e:  # e.g. --devices does not divide the heads
                 print(f"--devices {devices}: {e}", file=sys.stderr)
                 return 2
@@ -391,6 +505,17 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for r in results
             ]
+            if fused:
+                per_kind = len(cases)
+    kernels = per_kind * (len(used) + 1)
+    print(
+        f"\nfused path: prompts of {', '.join(map(str, args.prompt))} tokens use buckets "
+        f"{', '.join(map(str, used))} of {', '.join(map(str, sizes))}: {kernels} distinct "
+        f"compiled kernels per rank ({per_kind} per bucket, decode included)"
+    )
+    cases = kernel_cases(args.config, args.devices[-1], 1, args.max_seq_len) + fused_cases(
+        args.config, args.devices[-1], 1, args.max_seq_len
+    )
     missing = untraced_kernels(cases)
     if missing:
         failures += len(missing)

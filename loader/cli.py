@@ -25,6 +25,8 @@ from loader.format import SHARED, device_store
 from loader.manifest import (
     INDEX,
     LoaderError,
+    held_devices,
+    held_elsewhere,
     read_arrays,
     read_manifest,
     read_regular,
@@ -136,6 +138,7 @@ def summary(out: Path, m: dict[str, Any]) -> dict[str, Any]:
             "device_arrays_max": max(v["arrays"] for v in devices.values()),
         },
         "totals": m["totals"],
+        **({"hosts": m["hosts"]} if "hosts" in m else {}),
     }
 
 
@@ -198,6 +201,16 @@ def show(out: Path, as_json: bool) -> None:
         ),
         ("total", f"{size(s['totals']['bytes'])} in {s['totals']['arrays']} arrays"),
     ]
+    if "hosts" in s:
+        h = s["hosts"]
+        rows.insert(
+            1,
+            (
+                "host",
+                f"{h['rank']} of {h['count']}: holds the shared store and devices "
+                f"{ranges(h['devices'])} of {o['devices']} (sizes below: this host's stores)",
+            ),
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -210,8 +223,55 @@ def _select(m: dict[str, Any], rank: int | None) -> list[dict[str, Any]]:
     n = m["options"]["devices"]
     if not 0 <= rank < n:
         _fail(f"--device-rank {rank} is outside 0..{n - 1}")
+    elsewhere = held_elsewhere(m, rank)
+    if elsewhere:
+        _fail(f"--device-rank {rank}: {elsewhere}")
     stores = {SHARED, device_store(rank)}
     return [a for a in m["arrays"] if a["store"] in stores]
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--stats",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Routing statistics (mimo-run --record-routing): add each rank's load per layer.",
+)
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --stats: draw per-rank load / mean load as a heatmap (extra 'plot').",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the placement as JSON.")
+def experts(out: Path, stats: Path | None, png: Path | None, as_json: bool) -> None:
+    """The expert placement: per MoE layer, each rank's expert ids (and loads with --stats)."""
+    from loader.experts import heatmap, placement_rows, render
+    from mimo import routing
+
+    m = _load(out, arrays=False)
+    s = None
+    if stats is not None:
+        try:
+            s = routing.read(stats)
+        except routing.StatsError as e:
+            _fail(str(e))
+        want = m["model"]["config"].get("n_routed_experts")
+        if s["model"].get("n_routed_experts") != want:
+            have = s["model"].get("n_routed_experts")
+            _fail(f"{stats}: statistics of {have} experts; {out} has {want}")
+    rows = placement_rows(m, s)
+    if png is not None:
+        try:
+            heatmap(rows, png)
+        except (ImportError, ValueError) as e:
+            _fail(str(e))
+    if as_json:
+        click.echo(json.dumps({"layers": rows}, indent=1))
+    else:
+        for line in render(rows):
+            click.echo(line)
 
 
 @main.command("list")
@@ -311,7 +371,13 @@ def verify(out: Path, device_rank: int | None, workers: int, quiet: bool) -> Non
             click.echo(f"MISMATCH {p}")
         click.echo(f"{len(problems)} of {len(arrays)} arrays do not match the manifest")
         sys.exit(1)
-    click.echo(f"verified {len(arrays)} arrays ({size(total)}): all match the manifest")
+    held = (
+        f" (this host's part: the shared store and devices {ranges(held_devices(m))} of "
+        f"{m['options']['devices']}; the other hosts' stores are verified on their hosts)"
+        if "hosts" in m
+        else ""
+    )
+    click.echo(f"verified {len(arrays)} arrays ({size(total)}): all match the manifest{held}")
 
 
 # --------------------------------------------------------------------------------------- diff
@@ -334,8 +400,8 @@ def differences(
     ``"compared": "chunks"``.
     """
     opts = {
-        k: {"a": a["options"][k], "b": b["options"][k]}
-        for k in a["options"]
+        k: {"a": a["options"].get(k), "b": b["options"].get(k)}
+        for k in {**a["options"], **b["options"]}
         if a["options"].get(k) != b["options"].get(k)
     }
     cfg = config_differences(a["model"]["config"], b["model"]["config"])

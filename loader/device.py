@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from loader.format import LOGICAL_DTYPES, SHARED, chunk_path, device_store
-from loader.manifest import LoaderError, read_arrays, read_manifest, store_metadata
+from loader.manifest import (
+    LoaderError,
+    held_elsewhere,
+    read_arrays,
+    read_manifest,
+    store_metadata,
+)
 from loader.verify import Problem, check_array, metadata_problem
 from mimo.config import MiMoConfig
 
@@ -117,6 +123,9 @@ def open_device(
         raise LoaderError(
             f"{out}: device rank {rank} is outside 0..{n - 1} (the output has {n} devices)"
         )
+    elsewhere = held_elsewhere(m, rank)  # one host's part of a multi-host output
+    if elsewhere:
+        raise LoaderError(f"{out}: {elsewhere}")
     stores = (SHARED, device_store(rank))
     meta = {s: store_metadata(out, s) for s in stores}
     records = read_arrays(out, m, list(stores))

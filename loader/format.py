@@ -32,7 +32,8 @@ STATE_DIR = ".mimo-shard"  # journal, run state; removed when the output is comp
 
 LOGICAL_DTYPES: dict[str, np.dtype] = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),  # OCP e4m3 (the checkpoint's)
+    "float8_e4m3": np.dtype(ml_dtypes.float8_e4m3),  # IEEE-style e4m3 (Trainium2's)
     "float32": np.dtype(np.float32),
 }
 _RAW = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}

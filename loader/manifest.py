@@ -19,6 +19,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from loader.display import ranges
 from loader.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -69,6 +70,7 @@ MANIFEST_SPEC: dict[str, Any] = {
     "stores": dict,
     "totals": {"arrays": int, "bytes": int},
 }
+HOSTS_SPEC: dict[str, Any] = {"count": int, "rank": int, "devices": [int], "layout": str}
 STORE_SPEC: dict[str, Any] = {"arrays": int, "bytes": int, "table": str, "table_sha256": str}
 HEADS_SPEC: list[Any] = [{"q_heads": _RANGE, "kv_heads": _RANGE}]
 TABLE_SPEC: dict[str, Any] = {"format": str, "arrays": list}
@@ -202,13 +204,17 @@ def _consistency_problem(m: dict[str, Any]) -> str | None:
     n = m["options"]["devices"]
     if n < 1:
         return f"options.devices: {n} is not a device count"
-    want = {SHARED, *(device_store(r) for r in range(n))}
+    why = _hosts_problem(m.get("hosts"), n)
+    if why:
+        return why
+    want = {SHARED, *(device_store(r) for r in held_devices(m))}
     names = set(m["stores"])
     bad = sorted(s for s in names if not isinstance(s, str) or not STORE_NAME.match(s))
     if bad:
         return f"stores: {bad[0]!r} is not a store name (shared or device-NNN)"
     if names != want:
-        return f"stores: {sorted(names ^ want)[:3]} do not match options.devices {n}"
+        held = "hosts.devices" if "hosts" in m else f"options.devices {n}"
+        return f"stores: {sorted(names ^ want)[:3]} do not match {held}"
     for s, entry in m["stores"].items():
         why = type_problem(entry, STORE_SPEC, f"stores.{s}")
         if why:
@@ -242,6 +248,41 @@ def _consistency_problem(m: dict[str, Any]) -> str | None:
     heads = [d[k] for a in layout["attention"].values() for d in a for k in ("q_heads", "kv_heads")]
     if any(len(r) != 2 for r in heads):
         return "layout.attention: a head range is not [start, stop)"
+    return None
+
+
+def held_devices(m: dict[str, Any]) -> list[int]:
+    """The device ranks whose stores the output ``m`` holds: all of them, or for one host's part
+    of a multi-host output its ``hosts.devices`` (docs/format.md)."""
+    hosts = m.get("hosts")
+    return list(hosts["devices"]) if hosts is not None else list(range(m["options"]["devices"]))
+
+
+def held_elsewhere(m: dict[str, Any], rank: int) -> str | None:
+    """Why device ``rank`` (a rank of the layout) cannot be opened from this output: the
+    message names the devices it holds; None when it holds ``rank``."""
+    held = held_devices(m)
+    if rank in held:
+        return None
+    h = m["hosts"]
+    return (
+        f"device {rank} is held by another host: this output (host {h['rank']} of {h['count']}) "
+        f"holds devices {ranges(held)}"
+    )
+
+
+def _hosts_problem(hosts: Any, n: int) -> str | None:
+    """Why a manifest's ``hosts`` (one host's part of a multi-host output) is unusable."""
+    if hosts is None:
+        return None
+    why = type_problem(hosts, HOSTS_SPEC, "hosts")
+    if why:
+        return why
+    if not 0 <= hosts["rank"] < hosts["count"]:
+        return f"hosts.rank: {hosts['rank']} is outside 0..{hosts['count'] - 1}"
+    devs = hosts["devices"]
+    if not devs or devs != sorted(set(devs)) or not all(0 <= d < n for d in devs):
+        return f"hosts.devices: not increasing device ranks within 0..{n - 1}"
     return None
 
 

@@ -15,7 +15,12 @@ Kernel layout is ``x @ W``: weights are stored ``[in, out]``. Shape symbols:
 ``heads``             this rank's query heads; ``qkv``: ``heads·d + kv·(d + d_v)`` columns
 ``heads·d_v``         rows of ``o`` for this rank's heads
 ``E/N``               this rank's experts (the expert map)
+``⌈H/b⌉``, ``⌈I/b⌉``  FP8 scale blocks (``b`` = 128) along ``H`` and along ``I``
 ====================  =========================================================================
+
+With ``--expert-dtype float8_*`` each expert array holds FP8 codes and a float32 scale array
+beside it (``*_scale``) whose block grid is transposed with the weight; ``gate_up_scale`` is
+gate's grid then up's grid along its last axis (each of gate and up has its own blocks).
 
 Splits: ``whole`` (one array, shared store), ``heads`` (query heads, with the KV heads they read,
 replicated when ``N`` exceeds the KV heads), ``intermediate`` (dense MLP), ``experts`` (whole
@@ -42,9 +47,13 @@ VOCAB = "vocab"
 EVERY = "every"
 SINKS = "sinks"
 
-# dtype: the output's --dtype, or float32 whatever it is
+# dtype: the output's --dtype, its --expert-dtype, or float32 whatever they are
 OUT_DTYPE = "out"
+EXPERT_DTYPE = "expert"
 F32 = "float32"
+
+# rows that exist only for some options
+FP8_EXPERTS = "fp8_experts"  # --expert-dtype float8_*: each expert array has a scale array
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,8 @@ class ArrayKind:
     dtype: str = OUT_DTYPE
     unit_per_rank: bool = True
     scope: str = "layer"  # "first" (before layers) | "layer" | "last" (after layers)
+    needs: str = ""  # "" (always) | FP8_EXPERTS
+    unit_with: str = ""  # written by the unit of that row (its key), as a second output
 
     @property
     def key(self) -> str:
@@ -95,9 +106,16 @@ ARRAYS: tuple[ArrayKind, ...] = (
               "split_rows", ("heads",), on=SINKS, dtype=F32, unit_per_rank=False),
     ArrayKind("layers/{layer}/experts/gate_up", DEVICE_STORE, EXPERTS,
               {"gate": "expert.gate_proj", "up": "expert.up_proj"}, "experts_gate_up",
-              ("E/N", "H", "2I"), on=MOE),
+              ("E/N", "H", "2I"), on=MOE, dtype=EXPERT_DTYPE),
+    ArrayKind("layers/{layer}/experts/gate_up_scale", DEVICE_STORE, EXPERTS,
+              {"gate": "expert.gate_proj", "up": "expert.up_proj"}, "experts_gate_up",
+              ("E/N", "⌈H/b⌉", "2·⌈I/b⌉"), on=MOE, dtype=F32, needs=FP8_EXPERTS,
+              unit_with="experts/gate_up"),
     ArrayKind("layers/{layer}/experts/down", DEVICE_STORE, EXPERTS, {"down": "expert.down_proj"},
-              "experts_down", ("E/N", "I", "H"), on=MOE),
+              "experts_down", ("E/N", "I", "H"), on=MOE, dtype=EXPERT_DTYPE),
+    ArrayKind("layers/{layer}/experts/down_scale", DEVICE_STORE, EXPERTS,
+              {"down": "expert.down_proj"}, "experts_down", ("E/N", "⌈I/b⌉", "⌈H/b⌉"), on=MOE,
+              dtype=F32, needs=FP8_EXPERTS, unit_with="experts/down"),
     ArrayKind("layers/{layer}/mlp/gate_up", DEVICE_STORE, INTERMEDIATE,
               {"gate": "gate_proj", "up": "up_proj"}, "gate_up", ("H", "2·I_d/N"), on=DENSE),
     ArrayKind("layers/{layer}/mlp/down", DEVICE_STORE, INTERMEDIATE, {"w": "down_proj"},
@@ -126,9 +144,13 @@ def model_arrays(scope: str) -> Iterator[ArrayKind]:
     return (k for k in ARRAYS if k.scope == scope)
 
 
-def layer_arrays(spec: LayerSpec) -> Iterator[ArrayKind]:
-    """The rows that exist on ``spec``'s layer, table order."""
-    return (k for k in ARRAYS if k.scope == "layer" and exists_on(k, spec))
+def layer_arrays(spec: LayerSpec, fp8_experts: bool = False) -> Iterator[ArrayKind]:
+    """The rows that exist on ``spec``'s layer (scale rows with FP8 experts), table order."""
+    return (
+        k
+        for k in ARRAYS
+        if k.scope == "layer" and exists_on(k, spec) and (not k.needs or fp8_experts)
+    )
 
 
 # ------------------------------------------------------------------------------ the splits
@@ -170,9 +192,11 @@ def readme_table() -> str:
     rows = ["| array | store | split | shape | made from | on |", "|---|---|---|---|---|---|"]
     for k in ARRAYS:
         roles = ", ".join(f"`{r}`" for r in k.inputs.values())
-        dtype = " (f32)" if k.dtype == F32 else ""
+        dtype = {F32: " (f32)", EXPERT_DTYPE: " (expert dtype)"}.get(k.dtype, "")
         store = "`shared.zarr`" if k.store == SHARED_STORE else "`device-RRR.zarr`"
         on = "model" if k.scope != "layer" else ("every layer" if k.on == EVERY else k.on)
+        if k.needs == FP8_EXPERTS:
+            on += ", FP8 experts"
         rows.append(
             f"| `{k.path}` | {store} | {k.split} | `[{', '.join(k.shape)}]`{dtype} | {roles} "
             f"| {on} |"

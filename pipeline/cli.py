@@ -11,7 +11,7 @@ import click
 
 from mimo.config import ConfigError, MiMoConfig
 from pipeline.errors import InputError
-from pipeline.plan import DTYPES, build_plan, make_options
+from pipeline.plan import DTYPES, EXPERT_DTYPES, build_plan, make_options
 
 
 def _source(
@@ -60,7 +60,21 @@ def _looks_like_repo(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _ShardCommand(click.Command):
+    """``mimo-shard SOURCE OUT ...``, and ``mimo-shard plan-experts ...`` as a subcommand."""
+
+    def main(self, args=None, prog_name=None, **kwargs):  # noqa: ANN001, ANN201
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] == ["plan-experts"]:
+            name = f"{prog_name or 'mimo-shard'} plan-experts"
+            return plan_experts.main(args[1:], prog_name=name, **kwargs)
+        return super().main(args, prog_name=prog_name, **kwargs)
+
+
+@click.command(
+    cls=_ShardCommand,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.argument("source", required=False)
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option(
@@ -76,6 +90,14 @@ def _looks_like_repo(spec: str) -> bool:
     default="bfloat16",
     show_default=True,
     help="Dtype of the weight matrices (norms, sinks and routers stay float32).",
+)
+@click.option(
+    "--expert-dtype",
+    type=click.Choice(EXPERT_DTYPES),
+    default="bfloat16",
+    show_default=True,
+    help="Routed experts: bfloat16 (follows --dtype), or the checkpoint's FP8 codes with block "
+    "scales: float8_e4m3fn as is, float8_e4m3 re-encoded for Trainium2.",
 )
 @click.option("--layers", default=None, help="Layer subset, e.g. 0-3 or 0,5,11 (default: all).")
 @click.option(
@@ -98,6 +120,20 @@ def _looks_like_repo(spec: str) -> bool:
 )
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option(
+    "--max-seq-len",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="With --dry-run: the sequence length the HBM plan reserves KV cache for.",
+)
+@click.option(
+    "--lnc",
+    type=click.Choice(["1", "2"]),
+    default="2",
+    show_default=True,
+    help="With --dry-run: Trainium2 logical cores per rank for the HBM plan (12 or 24 GiB).",
+)
+@click.option(
     "--force", is_flag=True, help="Replace an output of other options in OUT (start clean)."
 )
 @click.option("--revision", default=None, help="Hub source: branch, tag or commit.")
@@ -115,48 +151,117 @@ def _looks_like_repo(spec: str) -> bool:
 @click.option(
     "--max-source-disk", default=None, help="Hub source: bound on source bytes on disk, e.g. 20GB."
 )
+@click.option(
+    "--expert-map",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Expert placement per MoE layer (a file of `mimo-shard plan-experts`).",
+)
+@click.option(
+    "--hosts",
+    type=int,
+    default=None,
+    help="Hosts the devices span (default: GROUP_WORLD_SIZE/NNODES/SLURM_NNODES, else 1).",
+)
+@click.option(
+    "--host-rank",
+    type=int,
+    default=None,
+    help="This host (default: GROUP_RANK/NODE_RANK/SLURM_NODEID, else 0): OUT gets the shared "
+    "store and this host's block of devices only.",
+)
+@click.option(
+    "--host-devices",
+    default=None,
+    help="The device ranks this host holds, e.g. 0-7 (default: a contiguous block of N/hosts).",
+)
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Convert arrays holding NaN or infinite values (a warning; the manifest records the "
+    "counts) instead of failing.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def main(
     source,
     out,
     devices,
     dtype,
+    expert_dtype,
     layers,
     experts,
     workers,
     dry_run,
     config_file,
     as_json,
+    max_seq_len,
+    lnc,
     force,
     revision,
     cache_dir,
     delete_source_files,
     max_source_disk,
+    expert_map,
+    hosts,
+    host_rank,
+    host_devices,
+    allow_nonfinite,
     quiet,
 ) -> None:
-    """Convert the MiMo-V2-Flash checkpoint SOURCE (folder or Hub repo id) into stores in OUT."""
+    """Convert the MiMo-V2-Flash checkpoint SOURCE (folder or Hub repo id) into stores in OUT.
+
+    A SOURCE holding manifest.json is a mimo-shard output: OUT is rebuilt from its arrays for
+    --devices (and --expert-map), keeping its other options. `mimo-shard plan-experts STATS
+    --devices N -o MAP` writes an --expert-map from routing statistics.
+    """
     workers = workers or default_workers()
     try:
+        if dry_run and expert_map is not None:
+            raise InputError("--expert-map: not supported with --dry-run (the plan is contiguous)")
         if dry_run:
             _dry_run(
                 source,
                 config_file,
                 devices,
-                dtype,
+                (dtype, expert_dtype),
                 layers,
                 experts,
                 workers,
                 as_json,
                 revision,
                 cache_dir,
+                (max_seq_len, int(lnc)),
+                (hosts, host_rank, host_devices),
             )
             return
         if config_file is not None or as_json:
             raise InputError("--config and --json go with --dry-run")
         if source is None or out is None:
             raise InputError("SOURCE and OUT are required (or --dry-run --config FILE)")
-        from pipeline.convert import convert
+        if Path(source, "manifest.json").is_file():  # an output: reshard it
+            from pipeline.reshard import reshard
 
+            ctx = click.get_current_context()
+            given = {
+                k: v
+                for k, v in (
+                    ("dtype", dtype),
+                    ("expert_dtype", expert_dtype),
+                    ("layers", layers),
+                    ("experts", experts),
+                )
+                if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
+            }
+            summary = reshard(
+                Path(source), out, devices, expert_map=expert_map, given=given,
+                workers=workers, force=force, progress=not quiet,
+            )
+            click.echo(summary.line())
+            return
+        from pipeline.convert import convert
+        from pipeline.hosts import host_selection
+
+        host_sel = host_selection(devices, hosts, host_rank, host_devices)
         src = _source(
             source, revision, cache_dir, delete_source_files, max_source_disk, progress=not quiet
         )
@@ -167,9 +272,13 @@ def main(
             dtype=dtype,
             layers=layers,
             experts=experts,
+            expert_dtype=expert_dtype,
             workers=workers,
             force=force,
             progress=not quiet,
+            expert_map=expert_map,
+            hosts=host_sel if host_sel[2] is not None else None,
+            allow_nonfinite=allow_nonfinite,
         )
         click.echo(summary.line())
         for warning in summary.warnings:
@@ -190,9 +299,13 @@ def main(
 
 
 def _dry_run(
-    source, config_file, devices, dtype, layers, experts, workers, as_json, revision, cache_dir
+    source, config_file, devices, dtypes, layers, experts, workers, as_json, revision, cache_dir,
+    serving, host_options=(None, None, None),
 ):
+    dtype, expert_dtype = dtypes
+    max_seq_len, lnc = serving
     from pipeline.convert import make_plan, needed_tensors
+    from pipeline.hosts import host_selection, host_table
     from pipeline.memory import peak_memory
     from pipeline.report import plan_report, plan_summary
     from pipeline.source import open_checked
@@ -204,20 +317,59 @@ def _dry_run(
             cfg = MiMoConfig.from_file(config_file)
         except ConfigError as e:
             raise InputError(str(e)) from None
-        options = make_options(cfg, devices, dtype, layers, experts)
+        options = make_options(cfg, devices, dtype, layers, experts, expert_dtype)
         plan, origin = build_plan(cfg, options), {"config": config_file.name}
     else:
         if source is None:
             raise InputError("SOURCE is required (or --config FILE)")
         src = _source(source, revision, cache_dir, False, None)
-        plan, _ = make_plan(src, devices, dtype, layers, experts)
-        open_checked(src, needed_tensors(plan), plan.inventory)  # headers only: validates
+        plan, _ = make_plan(src, devices, dtype, layers, experts, expert_dtype)
+        checked = open_checked(src, needed_tensors(plan), plan.inventory)  # headers: validates
         origin = src.describe()
-    summary = plan_summary(plan, workers, peak_memory(plan, workers), origin)
+    count, rank, held = host_selection(devices, *host_options)
+    summary = plan_summary(plan, workers, peak_memory(plan, workers), origin, max_seq_len, lnc)
+    if count > 1 or held is not None:
+        summary["hosts"] = host_table(
+            plan, count, None if host_options[2] is None else {rank: held},
+            checked if config_file is None else None,
+        )
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
         click.echo(plan_report(summary))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("stats", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--devices", "-n", type=int, required=True, help="Devices (ranks) to place on.")
+@click.option(
+    "--replicas",
+    "-r",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Spare expert slots per rank, filled with replicas of the hottest experts.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+    help="The expert-map file to write.",
+)
+def plan_experts(stats: Path, devices: int, replicas: int, output: Path) -> None:
+    """Balance expert load per rank from routing statistics (mimo-run --record-routing)."""
+    from pipeline.placement import plan_experts as plan
+    from pipeline.placement import read_stats
+
+    try:
+        doc, report = plan(read_stats(stats), devices, replicas)
+    except InputError as e:
+        click.echo(f"mimo-shard: error: {e}", err=True)
+        sys.exit(2)
+    output.write_text(json.dumps(doc, indent=1) + "\n")
+    click.echo("layer  max/mean before (contiguous)  after")
+    for layer, before, after in report:
+        click.echo(f"{layer:>5}  {before:>28.3f}  {after:.3f}")
+    slots = len(next(iter(doc["layers"].values()), [[]])[0])
+    click.echo(f"wrote {output}: {len(report)} MoE layers, {devices} ranks x {slots} slots")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 Order of work:
 
 1. read the source config, index and headers and check them against the plan (no output yet);
-2. decide what OUT holds: nothing, a finished output, or a resumable run of the same source and
-   options (anything else is refused unless ``force``);
-3. lock OUT, copy the config and tokenizer files, execute the pending units on ``workers``
-   threads in plan order (source files in order; a file is released once no pending unit needs
-   it), journaling units after their bytes are durable;
+2. lock OUT, then decide what it holds: nothing, a finished output, or a resumable run of the
+   same source and options (anything else is refused unless ``force``); deciding under the lock
+   keeps the answer true while this run acts on it;
+3. copy the config and tokenizer files, execute the pending units on ``workers`` threads in
+   plan order (source files in order; a file is released once no pending unit needs it),
+   journaling units after their bytes are durable;
 4. consolidate each store's metadata, write ``manifest.json`` atomically, drop the journal.
 """
 
@@ -27,13 +28,20 @@ from tqdm import tqdm
 
 from loader.format import FORMAT, FORMAT_VERSION, chunk_path, store_dir
 from pipeline.errors import InputError
+from pipeline.hosts import select_units, tensor_ranges, with_hosts
 from pipeline.journal import OutputDir, atomic_write, sync_filesystem
-from pipeline.manifest import build_manifest, fused_kv_warnings, now, table_bytes
+from pipeline.manifest import (
+    build_manifest,
+    fused_kv_warnings,
+    nonfinite_records,
+    now,
+    table_bytes,
+)
 from pipeline.plan import Plan, Unit, build_plan, make_options
 from pipeline.reading import UnitContext
 from pipeline.scheduler import Records, run_units
 from pipeline.source import EXTRA_FILES, Reader, Source, ValidatedSource, load_config, open_checked
-from pipeline.store import consolidate, create_store
+from pipeline.store import consolidate, create_store, remove_partials
 from pipeline.transforms import run_unit
 
 
@@ -68,11 +76,28 @@ def make_plan(
     dtype: str = "bfloat16",
     layers: str | None = None,
     experts: str | None = None,
+    expert_dtype: str = "bfloat16",
+    expert_map: Path | None = None,
+    hosts: tuple[int, int, tuple[int, ...] | None] | None = None,
 ) -> tuple[Plan, bytes]:
-    """Read the source config and build the plan for these options (no headers read yet)."""
+    """Read the source config and build the plan for these options (no headers read yet);
+    ``expert_map``: an expert-map file (:mod:`pipeline.placement`); ``hosts``: (host count, host
+    rank, held device ranks or None) from :func:`pipeline.hosts.host_selection`: the plan is
+    then cut to the held stores' units."""
     raw, cfg = load_config(source)
-    options = make_options(cfg, devices, dtype, layers, experts)
-    return build_plan(cfg, options), raw
+    options = make_options(cfg, devices, dtype, layers, experts, expert_dtype)
+    if expert_map is not None:
+        from dataclasses import replace
+
+        from pipeline.placement import read_map
+
+        present = list(options.experts) if options.experts is not None else None
+        emap = read_map(expert_map, cfg, devices, present)
+        custom = make_options(cfg, devices, expert_map=emap).expert_map
+        options = replace(options, expert_map=custom)
+    if hosts is not None:
+        options = with_hosts(options, *hosts)
+    return select_units(build_plan(cfg, options)), raw
 
 
 def needed_tensors(plan: Plan) -> list[str]:
@@ -102,44 +127,76 @@ def convert(
     dtype: str = "bfloat16",
     layers: str | None = None,
     experts: str | None = None,
+    expert_dtype: str = "bfloat16",
     workers: int = 2,
     force: bool = False,
     progress: bool = True,
+    expert_map: Path | None = None,
+    hosts: tuple[int, int, tuple[int, ...] | None] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Summary:
-    """Convert ``source`` into ``out`` for ``devices`` devices. Raises InputError on bad input."""
+    """Convert ``source`` into ``out`` for ``devices`` devices. Raises InputError on bad input.
+
+    ``hosts`` (see :func:`make_plan`): write only the shared store and the held devices' stores,
+    reading only the source tensors they are made from. ``allow_nonfinite``: arrays holding
+    NaN or infinite values are recorded (``nonfinite``) with a warning instead of failing."""
     t0 = time.perf_counter()
     out = Path(out)
     if workers < 1:
         raise InputError(f"--workers {workers}: must be >= 1")
-    plan, _ = make_plan(source, devices, dtype, layers, experts)
+    plan, _ = make_plan(source, devices, dtype, layers, experts, expert_dtype, expert_map, hosts)
     checked = open_checked(source, needed_tensors(plan), plan.inventory)
     fp = fingerprint(checked, plan)
     od = OutputDir(out)
-    od.check_usable()
+    od.check_usable()  # early, before OUT is created; decided again under the lock
     summary = Summary(out)
-
-    try:
-        existing, complete = od.manifest() or od.run_info(), od.manifest() is not None
-    except InputError:  # damaged state: only --force may start over
-        if not force:
-            raise
-        existing, complete = {}, False
-    if existing is not None and existing.get("fingerprint") != fp and not force:
-        raise InputError(
-            f"{out}: holds an output of another source or other options "
-            f"({_describe(existing)}); use --force to replace it"
-        )
-    if complete and not force:
-        summary.already_complete = True
-        return summary
-    small = _small_files(checked)  # read before OUT is touched (a Hub source may fail here)
     od.lock()
     try:
-        if force and existing is not None:
-            od.clean(existing.get("files", []))  # start clean, whatever the old run was
-        return _Run(plan, checked, od, fp, small, workers, progress).execute(summary, t0)
+        od.check_usable()
+        try:
+            replacing = od.replacing()
+            existing, complete = od.inspect()
+        except InputError:  # damaged state: only --force may start over
+            if not force:
+                raise
+            replacing, existing, complete = {}, {}, False
+        if replacing is not None and not force:
+            raise InputError(
+                f"{out}: an earlier --force was interrupted while removing the old output; "
+                "rerun with --force to finish it"
+            )
+        if existing is not None and existing.get("fingerprint") != fp and not force:
+            raise InputError(
+                f"{out}: holds an output of another source or other options "
+                f"({_describe(existing)}); use --force to replace it"
+            )
+        changed = _changed_files(existing, checked) if existing and not complete else []
+        if changed and not force:
+            raise InputError(
+                f"{out}: holds an output of another source: {changed[0]} changed since the "
+                f"interrupted run began (size, mtime or inode); use --force to start over"
+            )
+        if complete and not force:
+            summary.already_complete = True
+            return summary
+        small = _small_files(checked)
+        if force and (existing is not None or replacing is not None):
+            od.clean()  # start clean, whatever the old run was
+        run = _Run(plan, checked, od, fp, small, workers, progress, allow_nonfinite)
+        return run.execute(summary, t0)
     finally:
         od.unlock()
+
+
+def source_files(checked: ValidatedSource) -> dict[str, list[int]]:
+    """Each local source file's identity (size, mtime_ns, inode), recorded in the run info."""
+    return {f: list(i) for f, i in sorted(checked.file_ids.items())}
+
+
+def _changed_files(run: dict[str, Any], checked: ValidatedSource) -> list[str]:
+    """Files whose identity differs from the one the interrupted ``run`` recorded."""
+    before, now = run.get("source_files") or {}, source_files(checked)
+    return sorted(f for f in before.keys() & now.keys() if before[f] != now[f])
 
 
 def _describe(info: dict[str, Any]) -> str:
@@ -173,6 +230,8 @@ class _Run:
     small: dict[str, bytes]
     workers: int
     progress: bool
+    allow_nonfinite: bool = False  # not part of the fingerprint: it changes no array byte
+    nonfinite: list[str] = field(default_factory=list)  # warnings under allow_nonfinite
 
     def execute(self, summary: Summary, t0: float) -> Summary:
         plan, od, out = self.plan, self.od, self.od.path
@@ -182,7 +241,9 @@ class _Run:
                 "fingerprint": self.fingerprint,
                 "options": plan.options.to_dict(),
                 "source": self.checked.source.describe(),
+                "stores": [store_dir(Path(), s).name for s in plan.stores],
                 "files": files,
+                "source_files": source_files(self.checked),
                 "started": now(),
             }
         )
@@ -197,15 +258,29 @@ class _Run:
         for store in plan.stores:
             consolidate(out, store)
         sync_filesystem(out)
-        manifest, tables = build_manifest(plan, self.checked, self.fingerprint, records, files)
+        self.check_resumed_nonfinite(records, pending)
+        manifest, tables = build_manifest(
+            plan, self.checked, self.fingerprint, records, files, self.allow_nonfinite
+        )
         od.finish(manifest, {name: table_bytes(t) for name, t in tables.items()})
-        summary.warnings = fused_kv_warnings(records)
+        summary.warnings = fused_kv_warnings(records) + self.nonfinite
         summary.units = len(plan.units) - summary.resumed
         summary.arrays = manifest["totals"]["arrays"]
         summary.bytes_in = reader.bytes_read
         summary.bytes_out = sum(u.out_bytes for u in pending)
         summary.seconds = time.perf_counter() - t0
         return summary
+
+    def check_resumed_nonfinite(
+        self, records: dict[str, Records], pending: list[Unit]
+    ) -> None:
+        """Resumed units converted under ``--allow-nonfinite`` hold non-finite values: refused
+        without the option, a warning with it."""
+        resumed = set(records) - {u.id for u in pending}
+        lines = nonfinite_records(self.plan, records, resumed)
+        if lines and not self.allow_nonfinite:
+            raise InputError(f"{lines[0]} (resumed); --allow-nonfinite converts it anyway")
+        self.nonfinite.extend(lines)
 
     def prepare_out(self) -> None:
         """Small files, the stores' root groups, and no orphan pieces of a killed run."""
@@ -214,9 +289,8 @@ class _Run:
             atomic_write(out / name, data)
         for store in self.plan.stores:
             attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "store": store}
-            create_store(out, store, attrs)
-        for p in out.glob("*.zarr/**/*.partial"):
-            p.unlink()
+            create_store(out, store, attrs)  # refuses a store holding a symbolic link
+            remove_partials(store_dir(out, store))
 
     def resumable(self) -> tuple[dict[str, Records], list[Unit]]:
         """(records of journaled units still intact on disk, units left to run)."""
@@ -237,6 +311,10 @@ class _Run:
         """Run ``pending``; journal each batch and release source files nobody needs any more."""
         source, file_of = self.checked.source, self.checked.weight_map
         remaining = Counter(f for u in pending for f in {file_of[s] for s in u.sources})
+        want_ranges = getattr(source, "want_ranges", None)  # a source that can fetch ranges
+        if want_ranges is not None:
+            want_ranges(tensor_ranges(pending, self.checked.entry, file_of))
+        tensor_sha256 = getattr(source, "tensor_sha256", None)
         source.schedule(list(dict.fromkeys(file_of[s] for u in pending for s in u.sources)))
         bar = tqdm(
             total=sum(u.out_bytes for u in pending),
@@ -255,8 +333,17 @@ class _Run:
                 bar.update(n)
 
         def work(u: Unit) -> Records:
-            recs = run_unit(UnitContext(reader, self.plan.config, self.od.path, on_bytes), u)
-            return _records(u, recs)
+            ctx = UnitContext(
+                reader, self.plan.config, self.od.path, on_bytes, self.allow_nonfinite
+            )
+            recs = run_unit(ctx, u)
+            self.nonfinite.extend(ctx.warnings)
+            out = _records(u, recs)
+            if tensor_sha256 is not None:  # tensors fetched by ranges: sha256 of their bytes
+                shas = {t: h for t in u.sources if (h := tensor_sha256(t)) is not None}
+                if shas and out:
+                    out[0]["source_sha256"] = shas
+            return out
 
         def commit(finished: list[tuple[Unit, Records]]) -> None:
             self.od.commit([(u.id, rec) for u, rec in finished])

@@ -15,7 +15,15 @@ tokens, ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` all apply):
   second thread checks each file's size and sha256 against the Hub's metadata (the LFS etag)
   while the next file downloads;
 - :meth:`HubSource.release` removes a file from the cache once no pending unit needs it (when
-  ``delete_files``), so peak disk is the output plus about two source files.
+  ``delete_files``), so peak disk is the output plus about two source files;
+- :meth:`HubSource.headers` reads many headers at once on a bounded thread pool;
+- :meth:`HubSource.want_ranges` names the tensors the run reads per file: a file of which they
+  are at most half the bytes (:func:`pipeline.hosts.download_rule`) is not downloaded whole but
+  fetched tensor by tensor with HTTP range requests into a sparse local file of the file's size
+  (``<cache>/mimo-shard-ranges/``), each range checked against the header's offsets and its
+  sha256 recorded (:meth:`HubSource.tensor_sha256`: the Hub has a hash per file only). A side
+  file lists the tensors already fetched (with their sha256, re-checked on reuse), so a killed
+  run resumes without fetching them again.
 
 A run that is interrupted resumes: files that were completely downloaded are in the cache and are
 not downloaded again, and a partial download left by a killed run is removed before the file is
@@ -26,12 +34,14 @@ repository, the revision and the file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import queue
 import re
 import sys
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,7 +76,8 @@ from huggingface_hub.utils import (
 from tqdm import tqdm
 
 from pipeline.errors import InputError
-from pipeline.safetensors_io import Header, header_length, parse_header
+from pipeline.hosts import download_rule
+from pipeline.safetensors_io import Header, SizeMismatch, header_length, parse_header
 
 LIBRARY = "mimo-shard"
 DEFAULT_WINDOW = 2  # with delete_files and no max_disk: files on disk at once (one converting,
@@ -75,6 +86,9 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([kmgtp]?)(i?)b?", re.IGNORECASE)
 HELD = ("downloading", "verifying", "ready")  # states of a file whose bytes are on disk
+HEADER_THREADS = 8  # headers read at once
+SPAN_BYTES = 64 << 20  # adjacent tensors fetched in one range request, up to this many bytes
+RANGES_DIR = "mimo-shard-ranges"  # under the cache: sparse files of range-fetched tensors
 
 
 def parse_size(text: str, option: str = "--max-source-disk") -> int:
@@ -178,6 +192,8 @@ class HubSource:
         self._bar: tqdm | None = None
         self._bar_class: type[_BarShare] = _BarShare
         self._verify_queue: queue.Queue[str | None] = queue.Queue()  # downloaded files to check
+        self._ranges: dict[str, dict[str, tuple[int, int]]] = {}  # file -> tensor -> byte range
+        self._tensor_sha: dict[str, str] = {}  # range-fetched tensor -> sha256 of its bytes
         self.sha = self._resolve()
 
     # ---------------------------------------------------------------------- Source interface
@@ -223,7 +239,39 @@ class HubSource:
             raise InputError(f"{name}: truncated safetensors header ({len(raw)} of {n} bytes)")
         with self._cond:
             self._sizes[file] = size
-        return parse_header(name, size, raw)
+        try:
+            return parse_header(name, size, raw)
+        except SizeMismatch as e:
+            if isinstance(cached, Path):
+                raise
+            raise InputError(
+                f"{name}: the file's header disagrees with the Hub's metadata (size {size} bytes): "
+                f"{e}"
+            ) from None
+
+    def headers(self, files: list[str]) -> dict[str, Header]:
+        """:meth:`header` of each of ``files`` (in that order), read ``HEADER_THREADS`` at once;
+        the first failing file (in order) raises."""
+        if len(files) < 2:
+            return {f: self.header(f) for f in files}
+        with ThreadPoolExecutor(HEADER_THREADS, thread_name_prefix="hub-header") as pool:
+            return dict(zip(files, pool.map(self.header, files), strict=True))
+
+    def want_ranges(self, ranges: dict[str, dict[str, tuple[int, int]]]) -> None:
+        """The tensors the run reads, per file: ``{file: {tensor: (begin, end)}}`` (absolute
+        offsets from the validated header). Called before :meth:`schedule`: a file not in the
+        cache whose needed bytes are at most half of it is then fetched by ranges."""
+        for file, tensors in ranges.items():
+            needed = sum(b - a for a, b in tensors.values())
+            if download_rule(needed, self._size(file)) == "ranges" and not isinstance(
+                self._cached(file), Path
+            ):
+                self._ranges[file] = dict(tensors)
+
+    def tensor_sha256(self, name: str) -> str | None:
+        """The sha256 of a range-fetched tensor's bytes (None: its file was fetched whole)."""
+        with self._cond:
+            return self._tensor_sha.get(name)
 
     def schedule(self, files: list[str]) -> None:
         """Download ``files`` in this order, ahead of :meth:`fetch`, within the disk bound."""
@@ -232,7 +280,7 @@ class HubSource:
                 raise RuntimeError("schedule() is called once")
             self._order = list(files)
             for f in files:
-                self._files[f] = _File(self._size(f), isinstance(self._cached(f), Path))
+                self._files[f] = _File(self._disk_size(f), isinstance(self._cached(f), Path))
             total = sum(st.size for st in self._files.values() if not st.cached)
             self._bar = tqdm(
                 total=total,
@@ -283,7 +331,7 @@ class HubSource:
         path = self._download(file)  # not scheduled: download now, in this thread
         self._verify(file, path)
         with self._cond:
-            self._files[file] = _File(self._size(file), False, "ready", path)
+            self._files[file] = _File(self._disk_size(file), False, "ready", path)
         return path
 
     def release(self, file: str) -> None:
@@ -299,6 +347,8 @@ class HubSource:
             }
         if self.delete_files and st.path is not None:
             self._remove(st.path, keep_blob=os.path.realpath(st.path) in shared)
+            if file in self._ranges:
+                _sidecar(st.path).unlink(missing_ok=True)
         with self._cond:
             st.state = "released"
             self._cond.notify_all()
@@ -357,6 +407,13 @@ class HubSource:
         size = self._sizes.get(file)
         return size if size is not None else self._metadata(file).size or 0
 
+    def _disk_size(self, file: str) -> int:
+        """Bytes ``file`` occupies on disk once fetched (its needed tensors when by ranges)."""
+        tensors = self._ranges.get(file)
+        if tensors is None:
+            return self._size(file)
+        return sum(b - a for a, b in tensors.values())
+
     def _read_range(self, file: str, start: int, length: int) -> bytes:
         """Bytes ``[start, start + length)`` of ``file``, by an HTTP range request."""
         url = hf_hub_url(self.repo_id, file, revision=self.sha)
@@ -396,6 +453,8 @@ class HubSource:
 
     def _download(self, file: str) -> Path:
         """``file`` in the cache (downloaded unless already there); Hub failures as InputError."""
+        if file in self._ranges:
+            return self._download_ranges(file)
         cached = self._cached(file)
         if isinstance(cached, Path):
             return cached
@@ -407,6 +466,51 @@ class HubSource:
             return Path(self._hf_download(file, self._bar_class))
         except Exception as e:  # noqa: BLE001
             raise self._error(e, file) from None
+
+    def _download_ranges(self, file: str) -> Path:
+        """A sparse file of ``file``'s size holding the bytes of its wanted tensors.
+
+        Adjacent tensors are fetched in one range request (up to ``SPAN_BYTES``); each answer
+        must have exactly the length the header's offsets give. Tensors listed in the side file
+        by an earlier run are reused when their bytes on disk still hash to the recorded sha256.
+        """
+        tensors = self._ranges[file]
+        where = self._where(file)
+        cache, folder = self._storage()
+        path = cache / RANGES_DIR / folder / str(self.sha) / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = cache / ".locks" / RANGES_DIR / folder / f"{self.sha}-{file.replace('/', '--')}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with WeakFileLock(lock):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size != self._size(file):
+                    os.ftruncate(fd, self._size(file))  # sparse: only fetched ranges use disk
+                done = _reusable(fd, _read_sidecar(path), tensors)
+                for t, (a, b) in tensors.items():
+                    if a == b:
+                        done[t] = hashlib.sha256(b"").hexdigest()
+                todo = sorted((r, t) for t, r in tensors.items() if t not in done)
+                for span in _spans(todo):
+                    start, end = span[0][0][0], span[-1][0][1]
+                    data = self._read_range(file, start, end - start)
+                    if len(data) != end - start:
+                        raise InputError(
+                            f"{where}: the Hub sent {len(data)} of the {end - start} bytes at "
+                            f"offset {start} (tensor '{span[0][1]}'); rerun to fetch it again"
+                        )
+                    _pwrite_all(fd, data, start)
+                    os.fsync(fd)
+                    for (a, b), t in span:
+                        done[t] = hashlib.sha256(data[a - start : b - start]).hexdigest()
+                    _write_sidecar(path, done)
+                    if self._bar is not None:
+                        self._bar.update(len(data))
+            finally:
+                os.close(fd)
+        with self._cond:
+            self._tensor_sha.update({t: done[t] for t in tensors})
+        return path
 
     def _storage(self) -> tuple[Path, str]:
         cache = Path(self.cache_dir or constants.HF_HUB_CACHE)
@@ -433,7 +537,12 @@ class HubSource:
             blob.unlink(missing_ok=True)
 
     def _verify(self, file: str, path: Path) -> None:
-        """Check ``path`` against the Hub's size and hash of ``file``; remove it if it differs."""
+        """Check ``path`` against the Hub's size and hash of ``file``; remove it if it differs.
+
+        A file fetched by ranges was checked range by range (its hash covers bytes not fetched).
+        """
+        if file in self._ranges:
+            return
         where = self._where(file)
         size = os.path.getsize(path)
         expected_size = self._sizes.get(file)
@@ -567,6 +676,62 @@ class HubSource:
 def _again(e: BaseException) -> BaseException:
     """``e`` to raise in one more thread (an InputError is copied: tracebacks are per raise)."""
     return InputError(str(e)) if isinstance(e, InputError) else e
+
+
+def _spans(
+    todo: list[tuple[tuple[int, int], str]],
+) -> list[list[tuple[tuple[int, int], str]]]:
+    """Sorted (range, tensor) pairs grouped into runs of adjacent ranges of <= SPAN_BYTES."""
+    spans: list[list[tuple[tuple[int, int], str]]] = []
+    for (a, b), t in todo:
+        last = spans[-1] if spans else None
+        if last and last[-1][0][1] == a and b - last[0][0][0] <= SPAN_BYTES:
+            last.append(((a, b), t))
+        else:
+            spans.append([((a, b), t)])
+    return spans
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".ranges.json")
+
+
+def _read_sidecar(path: Path) -> dict[str, str]:
+    """Tensor -> sha256 of the tensors an earlier run wrote into ``path`` (empty if unknown)."""
+    try:
+        data = json.loads(_sidecar(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str) and SHA256.fullmatch(v)}
+
+
+def _write_sidecar(path: Path, done: dict[str, str]) -> None:
+    side = _sidecar(path)
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(done, sort_keys=True))
+    os.replace(tmp, side)
+
+
+def _reusable(fd: int, recorded: dict[str, str], wanted: dict[str, tuple[int, int]]) -> dict:
+    """The recorded tensors among ``wanted`` whose bytes in ``fd`` still hash as recorded."""
+    ok: dict[str, str] = {}
+    for t, sha in recorded.items():
+        if t in wanted:
+            a, b = wanted[t]
+            if hashlib.sha256(os.pread(fd, b - a, a)).hexdigest() == sha:
+                ok[t] = sha
+        else:
+            ok[t] = sha  # another run's tensor: keep its entry
+    return ok
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def _digest(path: Path, h: Any) -> str:

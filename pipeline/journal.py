@@ -1,10 +1,15 @@
 """Crash safety of an output folder: a lock, the run's identity, and a journal of durable units.
 
 ``OUT/.mimo-shard/run.json`` records what is being written (a fingerprint of the source and the
-options); ``journal.jsonl`` gets one line per finished unit, appended only after the unit's bytes
-were made durable (``syncfs``). A rerun with the same fingerprint skips journaled units; another
-fingerprint is refused unless ``--force``, which removes what mimo-shard wrote (and nothing else).
-An exclusive ``flock`` on the folder refuses a second concurrent run.
+options, the stores and files); ``journal.jsonl`` gets one line per finished unit, appended only
+after the unit's bytes were made durable (``syncfs``). A rerun with the same fingerprint skips
+journaled units; another fingerprint is refused unless ``--force``, which removes what
+mimo-shard's own records name (and nothing else). An exclusive ``flock`` on the folder refuses a
+second concurrent run; everything OUT holds is inspected while holding it.
+
+OUT may sit on a shared disk, so mimo-shard never follows a symbolic link inside it: a link where
+it writes its own file, folder or store is refused (:func:`refuse_link`), and files are created
+with ``O_EXCL | O_NOFOLLOW`` under unpredictable temporary names, then renamed into place.
 """
 
 from __future__ import annotations
@@ -14,15 +19,30 @@ import errno
 import fcntl
 import json
 import os
+import re
+import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
-from loader.format import MANIFEST, STATE_DIR, TABLES, table_path
+from loader.format import FORMAT, MANIFEST, STATE_DIR, TABLES, table_path
 from pipeline.errors import InputError
 
 RUN = "run.json"
 JOURNAL = "journal.jsonl"
+REPLACING = "replacing.json"  # in the state folder while --force removes an old output
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")  # atomic_write's, left by a killed run
+
+
+def refuse_link(path: Path, what: str = "entry") -> None:
+    """Raise InputError when ``path`` is a symbolic link (mimo-shard writes it itself)."""
+    if os.path.islink(path):
+        raise InputError(
+            f"{path}: is a symbolic link where mimo-shard writes its own {what}; "
+            "refusing to follow it (remove the link)"
+        )
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,13 +54,24 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` via a synced temporary file and a rename.
+
+    The temporary file ``.<name>.<random>.tmp`` is created exclusively and never through a
+    link; ``path`` itself being a symbolic link is an InputError.
+    """
+    path = Path(path)
+    refuse_link(path, "file")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # matches _TEMPORARY
+    fd = os.open(tmp, _CREATE, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -57,8 +88,19 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete the regular files :func:`atomic_write` left in ``folder`` when a run was killed."""
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    for p in folder.iterdir():
+        if _TEMPORARY.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode):
+            p.unlink()
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file of mimo-shard's, or None when absent; damage is an InputError."""
+    """A JSON object file of mimo-shard's, or None when absent; damage or a link is an
+    InputError."""
+    refuse_link(path, "file")
     if not path.is_file():
         return None
     try:
@@ -68,6 +110,33 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise InputError(f"{path}: damaged (not a JSON object); use --force to start over")
     return data
+
+
+def _plain(names: Any) -> list[str]:
+    """The plain names directly inside OUT among ``names`` (anything else is ignored)."""
+    if not isinstance(names, list | tuple):
+        return []
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in ("..", ".")]
+
+
+def _named(record: dict[str, Any]) -> list[str]:
+    """What a manifest or run record says mimo-shard wrote: its stores and copied files."""
+    stores = record.get("stores")
+    if isinstance(stores, dict):  # manifest.json: {"shared": {"path": "shared.zarr", ...}}
+        stores = [v.get("path") for v in stores.values() if isinstance(v, dict)]
+    return _plain(stores) + _plain(record.get("files"))
+
+
+def _our_store(path: Path) -> bool:
+    """A zarr store (not a link) whose root group says it is mimo-shard's."""
+    meta = path / "zarr.json"
+    if path.is_symlink() or not path.is_dir() or meta.is_symlink() or not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and attrs.get("format") == FORMAT
 
 
 class OutputDir:
@@ -86,18 +155,39 @@ class OutputDir:
     def run_info(self) -> dict[str, Any] | None:
         return _read_json(self.state / RUN)
 
+    def replacing(self) -> dict[str, Any] | None:
+        """The record of an interrupted ``--force`` removal, or None."""
+        return _read_json(self.state / REPLACING)
+
     def is_ours(self) -> bool:
-        return (self.path / MANIFEST).is_file() or (self.state / RUN).is_file()
+        return any(
+            p.is_file() for p in (self.path / MANIFEST, self.state / RUN, self.state / REPLACING)
+        )
 
     def check_usable(self) -> None:
-        """OUT must be absent, empty, or written by mimo-shard."""
-        if self.path.exists() and not self.path.is_dir():
+        """OUT must be absent, empty, or written by mimo-shard; its own entries never links.
+
+        OUT itself may be a link to a folder (the user's choice)."""
+        if (self.path.exists() or self.path.is_symlink()) and not self.path.is_dir():
             raise InputError(f"{self.path}: output path exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()) and not self.is_ours():
+        if not self.path.is_dir():
+            return
+        for name, what in ((MANIFEST, "manifest"), (TABLES, "folder"), (STATE_DIR, "folder")):
+            refuse_link(self.path / name, what)
+        if any(self.path.iterdir()) and not self.is_ours():
             raise InputError(
                 f"{self.path}: output folder is not empty and was not written by mimo-shard "
                 "(refusing to touch it; choose an empty or new folder)"
             )
+
+    def inspect(self) -> tuple[dict[str, Any] | None, bool]:
+        """(the manifest, else the run record, else None; whether the output is complete).
+
+        Call while holding the lock: only then does the answer stay true."""
+        manifest = self.manifest()
+        if manifest is not None:
+            return manifest, True
+        return self.run_info(), False
 
     # ------------------------------------------------------------------------------ locking
     def lock(self) -> None:
@@ -123,26 +213,43 @@ class OutputDir:
             self._lock_fd = None
 
     # ----------------------------------------------------------------------------- lifecycle
-    def clean(self, written: list[str]) -> None:
-        """Remove what mimo-shard writes: the manifest, state, stores and copied files.
+    def clean(self) -> None:
+        """Remove the old output for ``--force``: only what mimo-shard's own records name.
 
-        Only plain names directly inside OUT are removed, whatever ``written`` says.
+        Those are the stores and files listed in ``manifest.json`` and ``run.json``, stores
+        whose root group says they are mimo-shard's (a damaged manifest lists nothing), the
+        manifest, ``manifest.d`` and the state folder's records. The list is first written to
+        ``.mimo-shard/replacing.json`` (kept until :meth:`begin`), so an interruption at any
+        point leaves an output the next ``--force`` recognises and finishes cleaning.
+        ``manifest.json`` goes first: from then on the output no longer claims to be complete.
         """
-        plain = [
-            n for n in written if isinstance(n, str) and n and "/" not in n and n not in ("..", ".")
-        ]
-        for name in [MANIFEST, TABLES, STATE_DIR, *plain]:
-            p = self.path / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
-        for p in self.path.glob("*.zarr"):
-            shutil.rmtree(p)
+        names: dict[str, None] = {}
+        for read in (self.replacing, self.manifest, self.run_info):
+            try:
+                record = read()
+            except InputError:  # damaged: it names nothing
+                record = None
+            if record is not None:
+                names.update(dict.fromkeys(_plain(record.get("remove")) + _named(record)))
+        names.update(dict.fromkeys(p.name for p in self.path.glob("*.zarr") if _our_store(p)))
+        remove = [MANIFEST, TABLES, *(n for n in names if n not in (MANIFEST, TABLES, STATE_DIR))]
+        for n in remove:
+            refuse_link(self.path / n)
+        self.state.mkdir(exist_ok=True)
+        atomic_write(self.state / REPLACING, json.dumps({"remove": remove}, indent=1).encode())
+        for name in remove:
+            _remove(self.path / name)
+        for p in self.state.iterdir():
+            if p.name != REPLACING:
+                _remove(p)
 
     def begin(self, info: dict[str, Any]) -> None:
-        self.state.mkdir(parents=True, exist_ok=True)
+        """Record the run (``run.json``); an old output's removal is complete from here on."""
+        self.state.mkdir(exist_ok=True)
         atomic_write(self.state / RUN, json.dumps(info, indent=2).encode())
+        (self.state / REPLACING).unlink(missing_ok=True)
+        for folder in (self.path, self.state, self.path / TABLES):
+            remove_temporaries(folder)
 
     def journaled(self) -> dict[str, list[dict[str, Any]]]:
         """unit id -> its arrays' records, for every unit the journal holds (last line wins).
@@ -151,6 +258,7 @@ class OutputDir:
         """
         out: dict[str, list[dict[str, Any]]] = {}
         p = self.state / JOURNAL
+        refuse_link(p, "journal")
         if not p.is_file():
             return out
         for line in p.read_text().splitlines():
@@ -168,7 +276,10 @@ class OutputDir:
             return
         sync_filesystem(self.path)
         if self._journal is None:
-            self._journal = open(self.state / JOURNAL, "a")
+            p = self.state / JOURNAL
+            refuse_link(p, "journal")
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._journal = os.fdopen(os.open(p, flags, 0o666), "a")
         for unit, arrays in done:
             self._journal.write(
                 json.dumps({"unit": unit, "arrays": arrays}, separators=(",", ":")) + "\n"
@@ -179,6 +290,7 @@ class OutputDir:
     def finish(self, manifest: dict[str, Any], tables: dict[str, bytes]) -> None:
         """Write the stores' array tables, then ``manifest.json`` atomically (the commit point),
         and drop the state folder."""
+        refuse_link(self.path / TABLES, "folder")
         (self.path / TABLES).mkdir(exist_ok=True)
         for store, data in tables.items():
             atomic_write(self.path / table_path(store), data)
@@ -186,4 +298,13 @@ class OutputDir:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
-        shutil.rmtree(self.state, ignore_errors=True)
+        if not self.state.is_symlink():
+            shutil.rmtree(self.state, ignore_errors=True)
+
+
+def _remove(p: Path) -> None:
+    """Remove ``p`` (a folder with everything in it); a link is removed itself, never followed."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()

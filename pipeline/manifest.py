@@ -17,6 +17,7 @@ from loader.format import FORMAT, FORMAT_VERSION, SHARED, TABLE_FORMAT, table_pa
 from pipeline.plan import Plan
 from pipeline.source import ValidatedSource
 
+RECORD_EXTRAS = ("checks", "encoding", "scale_of", "nonfinite")  # optional record fields
 FUSED_KV_MIN = 0.9  # share of fused K/V blocks that must reach the FP8 maximum
 
 
@@ -37,9 +38,11 @@ def build_manifest(
     fp: str,
     records: dict[str, list[dict[str, Any]]],
     files: list[str],
+    allow_nonfinite: bool = False,
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(manifest, array table per store) for a finished run; ``records[unit id]`` holds each
-    output's ``bytes``/``checksum`` (and ``checks``) in the unit's output order."""
+    output's ``bytes``/``checksum`` (and ``checks``) in the unit's output order.
+    ``allow_nonfinite`` is recorded in ``options`` only when set."""
     tables: dict[str, dict[str, Any]] = {
         s: {"format": TABLE_FORMAT, "format_version": FORMAT_VERSION, "store": s, "arrays": []}
         for s in plan.stores
@@ -57,9 +60,10 @@ def build_manifest(
                     "sources": list(u.sources),
                     "transform": {"name": u.transform, "params": u.params},
                     "unit": u.id,
-                    **({"checks": r["checks"]} if "checks" in r else {}),
+                    **{k: r[k] for k in RECORD_EXTRAS if k in r},
                 }
             )
+    options = plan.options.to_dict() | ({"allow_nonfinite": True} if allow_nonfinite else {})
     stores = {}
     for s, t in tables.items():
         stores[s] = {
@@ -84,7 +88,7 @@ def build_manifest(
             "tensors": len(checked.weight_map),
             "mtp_layers": checked.mtp_layers,
         },
-        "options": plan.options.to_dict(),
+        "options": options,
         "layout": plan.layout,
         "stores": stores,
         "files": files,
@@ -94,7 +98,35 @@ def build_manifest(
             "shared_bytes": stores[SHARED]["bytes"],
         },
     }
+    tensor_sha = {
+        t: h
+        for recs in records.values()
+        for r in recs
+        for t, h in r.get("source_sha256", {}).items()
+    }
+    if tensor_sha:  # tensors fetched by byte ranges (the Hub hashes whole files only)
+        manifest["source"]["tensor_sha256"] = dict(sorted(tensor_sha.items()))
+    if plan.options.host_devices is not None:
+        manifest["hosts"] = {
+            **plan.options.hosts_dict(),
+            "layout": layout_fingerprint(checked, plan),
+        }
     return manifest, tables
+
+
+def layout_fingerprint(checked: ValidatedSource, plan: Plan) -> str:
+    """What every host's part of one multi-host output shares: the source's content and the
+    options but for the host selection (not the files read, nor their local identity: both
+    differ per host).
+    """
+    options = {k: v for k, v in plan.options.to_dict().items() if k != "hosts"}
+    ident = {
+        "format_version": FORMAT_VERSION,
+        "config_sha256": hashlib.sha256(checked.raw_config).hexdigest(),
+        "index_sha256": checked.index_sha256,
+        "options": options,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 def table_bytes(table: dict[str, Any]) -> bytes:
@@ -120,3 +152,23 @@ def fused_kv_warnings(records: dict[str, list[dict[str, Any]]]) -> list[str]:
         for layer, (ok, n) in sorted(per_layer.items(), key=lambda kv: int(kv[0]))
         if n and ok / n < FUSED_KV_MIN
     ]
+
+
+def nonfinite_records(
+    plan: Plan, records: dict[str, list[dict[str, Any]]], units: set[str] | None = None
+) -> list[str]:
+    """One line per output array recorded with non-finite values (of ``units``, default all):
+    the array, the count, its unit's first source tensors (in plan order)."""
+    lines = []
+    for u in plan.units:
+        if units is not None and u.id not in units:
+            continue
+        for a, r in zip(u.outputs, records.get(u.id, []), strict=False):
+            if r.get("nonfinite"):
+                shown = ", ".join(f"'{t}'" for t in u.sources[:3])
+                more = f" and {len(u.sources) - 3} more" if len(u.sources) > 3 else ""
+                lines.append(
+                    f"array '{a.store}/{a.path}' holds {r['nonfinite']} non-finite value(s) "
+                    f"(NaN or infinity) from tensor {shown}{more}"
+                )
+    return lines

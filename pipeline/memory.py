@@ -16,14 +16,16 @@ BASELINE_RSS = 160 << 20  # interpreter, numpy, zarr, tqdm
 
 
 def working_set(unit: Unit, source_shapes: dict[str, tuple[int, ...]]) -> int:
-    """Bytes a unit holds at once: its in-memory output (or output tile) and one source chunk
-    (raw rows, or FP8 codes and their transpose at half a chunk each)."""
+    """Bytes a unit holds at once: its in-memory output (or output band) and one source chunk
+    (raw rows, or FP8 codes read in chunks)."""
     out = max(a.nbytes for a in unit.outputs)
     if unit.transform == "transpose_split":
         rows, cols = source_shapes[unit.inputs["w"][0]]
         out = rows * cols * LOGICAL_DTYPES[unit.outputs[0].dtype].itemsize
-    elif unit.transform == "copy" or (unit.transform == "transpose" and out > IN_MEMORY_LIMIT):
-        out = min(out, CHUNK_BYTES)  # streamed in chunks or tiles
+    elif unit.transform == "copy":
+        out = min(out, CHUNK_BYTES)  # streamed in chunks
+    elif unit.transform == "transpose":
+        out = min(out, IN_MEMORY_LIMIT)  # in bands of output rows
     elif unit.transform.startswith("experts_"):
         out = out // unit.outputs[0].shape[0]  # one expert's slab at a time
     return out + CHUNK_BYTES

@@ -8,13 +8,15 @@ together. The converter executes the units, ``--dry-run`` prints them, the manif
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loader.format import SHARED, device_store, nbytes
 from mimo import names
 from mimo.config import MOE, MiMoConfig
+from mimo.fp8 import ceil_div
 from mimo.layout import (
+    EXPERT_DTYPE,
     EXPERTS,
     F32,
     HEADS,
@@ -34,6 +36,7 @@ from pipeline.errors import InputError
 from pipeline.inventory import HubTensor, hub_inventory
 
 DTYPES = ("bfloat16", "float32")
+EXPERT_DTYPES = ("bfloat16", "float8_e4m3fn", "float8_e4m3")  # FP8: the checkpoint's codes
 
 
 @dataclass(frozen=True)
@@ -78,14 +81,51 @@ class Options:
     dtype: str = "bfloat16"
     layers: tuple[int, ...] | None = None  # None: every layer
     experts: tuple[int, ...] | None = None  # None: every expert
+    expert_dtype: str = "bfloat16"  # routed experts: bfloat16, or FP8 codes with block scales
+    # multi-host: this output holds the stores of ``host_devices`` (None: every device), as host
+    # ``host_rank`` of ``host_count`` (see :mod:`pipeline.hosts`)
+    host_count: int = 1
+    host_rank: int = 0
+    host_devices: tuple[int, ...] | None = None
+    # --expert-map: (layer, per-rank expert ids) pairs (pipeline.placement); None: contiguous
+    expert_map: tuple[tuple[int, tuple[tuple[int, ...], ...]], ...] | None = None
+
+    @property
+    def fp8_experts(self) -> bool:
+        return self.expert_dtype.startswith("float8")
+
+    def custom_map(self) -> dict[int, list[list[int]]]:
+        """The ``--expert-map`` layers as {layer: per-rank expert ids} (empty: none given)."""
+        return {layer: [list(b) for b in blocks] for layer, blocks in self.expert_map or ()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The manifest's ``options``; ``expert_dtype`` appears only when it is not bfloat16, so
+        outputs written before the option existed keep their identity."""
+        out = {
             "devices": self.devices,
             "dtype": self.dtype,
             "layers": list(self.layers) if self.layers is not None else None,
             "experts": list(self.experts) if self.experts is not None else None,
         }
+        if self.expert_dtype != "bfloat16":
+            out["expert_dtype"] = self.expert_dtype
+        if self.expert_map is not None:
+            from pipeline.placement import map_digest
+
+            out["expert_map_sha256"] = map_digest(self.custom_map())
+        if self.host_devices is not None:
+            out["hosts"] = self.hosts_dict()
+        return out
+
+    def hosts_dict(self) -> dict[str, Any]:
+        """``{"count", "rank", "devices"}`` of a multi-host output (the manifest's ``hosts``)."""
+        held = self.held_devices
+        return {"count": self.host_count, "rank": self.host_rank, "devices": list(held)}
+
+    @property
+    def held_devices(self) -> tuple[int, ...]:
+        """Device ranks whose stores this output holds."""
+        return self.host_devices if self.host_devices is not None else tuple(range(self.devices))
 
 
 @dataclass
@@ -109,7 +149,8 @@ class Plan:
 
     @property
     def stores(self) -> list[str]:
-        return [SHARED] + [device_store(r) for r in range(self.options.devices)]
+        """The stores this output holds: shared, then each held device's."""
+        return [SHARED] + [device_store(r) for r in self.options.held_devices]
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -161,13 +202,22 @@ def make_options(
     dtype: str = "bfloat16",
     layers: str | None = None,
     experts: str | None = None,
+    expert_dtype: str = "bfloat16",
+    expert_map: dict[int, list[list[int]]] | None = None,
 ) -> Options:
-    """Options from command-line values; ``--layers``/``--experts`` are checked against ``cfg``."""
+    """Options from command-line values; ``--layers``/``--experts`` are checked against ``cfg``;
+    ``expert_map`` is a validated ``--expert-map`` (:func:`pipeline.placement.read_map`)."""
     return Options(
         devices=devices,
         dtype=dtype,
         layers=parse_indices(layers, cfg.num_hidden_layers, "--layers"),
         experts=parse_indices(experts, cfg.n_routed_experts, "--experts"),
+        expert_dtype=expert_dtype,
+        expert_map=(
+            tuple((k, tuple(tuple(b) for b in v)) for k, v in sorted(expert_map.items()))
+            if expert_map
+            else None
+        ),
     )
 
 
@@ -184,15 +234,30 @@ def check_devices(cfg: MiMoConfig, options: Options) -> None:
             raise InputError(f"--devices {n} does not divide the {total} {what}")
     if options.dtype not in DTYPES:
         raise InputError(f"--dtype {options.dtype!r}: choose from {', '.join(DTYPES)}")
+    if options.expert_dtype not in EXPERT_DTYPES:
+        raise InputError(
+            f"--expert-dtype {options.expert_dtype!r}: choose from {', '.join(EXPERT_DTYPES)}"
+        )
+    if options.fp8_experts and cfg.quant is None:
+        raise InputError(
+            f"--expert-dtype {options.expert_dtype}: the checkpoint's experts are not FP8 "
+            "(its config has no quantization_config)"
+        )
 
 
 def expert_map(
     cfg: MiMoConfig, options: Options, layers: tuple[int, ...]
 ) -> dict[int, list[list[int]]]:
-    """Global expert ids held by each rank, per MoE layer: contiguous blocks of present experts."""
+    """Global expert ids held by each rank's slots, per MoE layer: the ``--expert-map`` layers,
+    else contiguous blocks of present experts."""
     present = list(options.experts or range(cfg.n_routed_experts))
     blocks = contiguous_expert_map(present, options.devices)
-    return {layer: [list(b) for b in blocks] for layer in layers if cfg.mlp_types[layer] == MOE}
+    custom = options.custom_map()
+    return {
+        layer: [list(b) for b in custom.get(layer, blocks)]
+        for layer in layers
+        if cfg.mlp_types[layer] == MOE
+    }
 
 
 # ----------------------------------------------------------------------------------- building
@@ -215,7 +280,11 @@ def _sizes(cfg: MiMoConfig, layer: int | None, part: Part) -> dict[str, int]:
     i0, i1 = part.intermediate
     spec = cfg.layer(layer) if layer is not None else None
     d, dv = (spec.head_dim, spec.v_head_dim) if spec else (0, 0)
+    bm, bn = cfg.quant.block if cfg.quant else (128, 128)
     return {
+        "⌈H/b⌉": ceil_div(cfg.hidden_size, bn),  # blocks along H (the weight's columns)
+        "⌈I/b⌉": ceil_div(cfg.moe_intermediate_size, bm),
+        "2·⌈I/b⌉": 2 * ceil_div(cfg.moe_intermediate_size, bm),
         "H": cfg.hidden_size,
         "V": cfg.vocab_size,
         "E": cfg.n_routed_experts,
@@ -238,6 +307,23 @@ class _Builder:
         self.cfg, self.options = cfg, options
         self.inventory = {s.name: s for s in hub_inventory(cfg)}
         self.emap = expert_map(cfg, options, layers)
+        # bf16 experts follow --dtype (float32 output: float32 experts too)
+        self.expert_dtype = options.expert_dtype if options.fp8_experts else options.dtype
+
+    def rows(self, kinds: Iterator[ArrayKind], layer: int | None) -> list[Unit]:
+        """Units of ``kinds``; a ``unit_with`` row becomes a second output of its partner's units
+        (one read writes codes and scales together)."""
+        kinds = list(kinds)
+        units = {k.key: self.units(k, layer) for k in kinds if not k.unit_with}
+        for k in kinds:
+            if k.unit_with:
+                extra = self.units(k, layer)
+                units[k.unit_with] = [
+                    replace(u, outputs=u.outputs + e.outputs)
+                    for u, e in zip(units[k.unit_with], extra, strict=True)
+                ]
+        return [u for us in units.values() for u in us]
+
 
     def parts(self, split: str, layer: int | None) -> list[Part]:
         n, cfg = self.options.devices, self.cfg
@@ -282,7 +368,7 @@ class _Builder:
     def array(self, kind: ArrayKind, layer: int | None, part: Part) -> OutputArray:
         sizes = _sizes(self.cfg, layer, part)
         store = SHARED if kind.store == SHARED_STORE else device_store(part.rank)
-        dtype = F32 if kind.dtype == F32 else self.options.dtype
+        dtype = {F32: F32, EXPERT_DTYPE: self.expert_dtype}.get(kind.dtype, self.options.dtype)
         return OutputArray(store, kind.at(layer), tuple(sizes[s] for s in kind.shape), dtype)
 
     def units(self, kind: ArrayKind, layer: int | None) -> list[Unit]:
@@ -334,10 +420,10 @@ def build_plan(cfg: MiMoConfig, options: Options) -> Plan:
     n = options.devices
     layers = options.layers or tuple(range(cfg.num_hidden_layers))
     b = _Builder(cfg, options, layers)
-    units = [u for k in model_arrays("first") for u in b.units(k, None)]
+    units = b.rows(model_arrays("first"), None)
     for layer in layers:
-        units += [u for k in layer_arrays(cfg.layer(layer)) for u in b.units(k, layer)]
-    units += [u for k in model_arrays("last") for u in b.units(k, None)]
+        units += b.rows(layer_arrays(cfg.layer(layer), options.fp8_experts), layer)
+    units += b.rows(model_arrays("last"), None)
     layout = {
         "devices": n,
         "attention": {

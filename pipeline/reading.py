@@ -1,8 +1,15 @@
 """What a transform sees: reads of a unit's sources in kernel layout, and its output writers.
 
 Reads are bounded: rows are read in chunks of about ``CHUNK_BYTES`` of output. FP8 weights are
-read as codes, transposed as bytes, and dequantised straight into the destination with the scale
-rule of :mod:`mimo.fp8` (the full-attention fused K/V grid is recognised by its shape).
+read as codes and dequantised and transposed in one pass straight into the destination
+(:mod:`pipeline.fp8_kernel`) with the scale rule of :mod:`mimo.fp8` (the full-attention fused
+K/V grid is recognised by its shape).
+
+Non-finite values are counted as they are produced, never by reading again: the FP8 kernel
+returns its count, float rows are counted on their bits once cast
+(:func:`pipeline.nonfinite.count_nonfinite`); :meth:`UnitContext.transposed_rows` returns the
+count and ``UnitContext.tensor_nonfinite`` keeps it per source tensor, so a failure can name the
+tensor.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from mimo.fp8 import ceil_div, fused_kv_row_scales, kv_grid_rows, reads_fused, s
 from mimo.names import scale_name
 from pipeline.buffers import scratch
 from pipeline.errors import InputError
-from pipeline.fp8 import dequantise_transposed
+from pipeline.fp8_codes import transpose_bits_into
+from pipeline.fp8_kernel import dequantise_into
 from pipeline.inventory import F8, ITEMSIZE
+from pipeline.nonfinite import count_nonfinite
 from pipeline.plan import OutputArray
 from pipeline.source import Reader
 from pipeline.store import ArrayWriter, create_array_metadata
@@ -30,7 +39,11 @@ ROW_PAD = 64  # bytes between FP8 code rows in the read buffer (avoids cache-set
 
 
 def transpose_into(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """``dst[...] = src.T`` for 2-D arrays, in 16-row bands (5x faster than a plain ``.T`` copy)."""
+    """``dst[...] = src.T`` for 2-D arrays of the same dtype (compiled tiles for 1-, 2- and
+    4-byte elements, :func:`pipeline.fp8_codes.transpose_bits_into`; 16-row NumPy bands else)."""
+    if src.dtype == dst.dtype and src.dtype.itemsize in (1, 2, 4):
+        transpose_bits_into(src, dst)
+        return dst
     for i in range(0, src.shape[0], 16):
         dst[:, i : i + 16] = src[i : i + 16].T
     return dst
@@ -40,14 +53,24 @@ class UnitContext:
     """What a transform sees: dequantising reads of the unit's sources, and its output writers."""
 
     def __init__(
-        self, reader: Reader, cfg: MiMoConfig, out: Path, on_bytes: Callable[[int], None] | None
+        self,
+        reader: Reader,
+        cfg: MiMoConfig,
+        out: Path,
+        on_bytes: Callable[[int], None] | None,
+        allow_nonfinite: bool = False,
     ):
+        """``allow_nonfinite``: NaN/infinite output values are recorded instead of failing."""
         self.reader = reader
+        self.allow_nonfinite = allow_nonfinite
+        self.tensor_nonfinite: dict[str, int] = {}  # source tensor -> non-finite values produced
+        self.warnings: list[str] = []  # non-finite outputs recorded under allow_nonfinite
         self.cfg = cfg
         self.out = out
         self.on_bytes = on_bytes
         self._rules: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.writers: list[ArrayWriter] = []
+        self.extra: dict[int, dict] = {}  # writer index -> further manifest record fields
 
     def writer(self, spec: OutputArray) -> ArrayWriter:
         create_array_metadata(self.out, spec)
@@ -123,6 +146,20 @@ class UnitContext:
         self._rules[name] = rule
         return rule
 
+    def fp8_weight(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(codes ``uint8 [R, C]``, scale grid ``float32``) of a standard-grid FP8 weight.
+
+        The codes land in this thread's ``fp8`` buffer (valid until the next call), rows
+        ``C + ROW_PAD`` bytes apart (a strided view).
+        """
+        if self.reader.checked.entry(name).dtype != F8:
+            raise InputError(f"tensor '{name}' is not FP8: --expert-dtype float8_* needs FP8")
+        rows, cols = self.reader.shape(name)
+        grid, row_scale = self.scale_rule(name)
+        padded = scratch("fp8", (rows, cols + ROW_PAD), np.dtype(np.uint8))[:, :cols]
+        codes = self.reader.raw(name, 0, rows, padded)
+        return codes.view(np.uint8), np.asarray(grid, np.float32)
+
     def is_fused_kv(self, name: str) -> bool:
         """Whether the FP8 weight ``name`` is read with the per-head fused K/V rule."""
         if self.reader.checked.entry(name).dtype != F8:
@@ -130,35 +167,55 @@ class UnitContext:
         grid, _ = self.scale_rule(name)
         return grid.shape[0] != ceil_div(self.reader.shape(name)[0], self.cfg.quant.block[0])
 
-    def transposed_rows(self, name: str, r0: int, r1: int, dtype: str, dst: np.ndarray) -> None:
-        """``dst[:, :] = weight(name)[r0:r1].T`` in bounded chunks; ``dst`` is ``[C, r1-r0]``.
+    def count(self, name: str, nonfinite: int) -> int:
+        """Note ``nonfinite`` values produced from tensor ``name``; return ``nonfinite``."""
+        if nonfinite:
+            self.tensor_nonfinite[name] = self.tensor_nonfinite.get(name, 0) + nonfinite
+        return nonfinite
 
-        FP8 weights are transposed as 1-byte codes, then dequantised straight into ``dst``
-        (cheaper than transposing the 2-byte result).
+    def transposed_rows(
+        self,
+        name: str,
+        r0: int,
+        r1: int,
+        dtype: str,
+        dst: np.ndarray,
+        cols: tuple[int, int] | None = None,
+    ) -> int:
+        """``dst[:, :] = weight(name)[r0:r1, k0:k1].T`` in bounded chunks; ``dst`` is
+        ``[k1-k0, r1-r0]``; ``cols`` ``(k0, k1)`` defaults to every column (for an FP8 weight
+        ``k0`` must start a scale block).
+
+        FP8 weights are dequantised and transposed in one pass straight into ``dst``. Returns how
+        many values written are NaN or infinite.
         """
+        nonfinite = 0
         dt = LOGICAL_DTYPES[dtype]
         step = self.rows_per_chunk(name, dtype)
-        cols = self.reader.shape(name)[1]
+        width = self.reader.shape(name)[1]
+        k0, k1 = cols if cols is not None else (0, width)
         fp8 = self.reader.checked.entry(name).dtype == F8
         for c0 in range(r0, r1, step):
             c1 = min(c0 + step, r1)
             band = dst[:, c0 - r0 : c1 - r0]
             if fp8:
                 grid, row_scale = self.scale_rule(name)
-                # rows spaced by a non-power-of-two stride: 2x faster band transposition
-                padded = scratch("codes", (c1 - c0, cols + ROW_PAD), np.dtype(np.uint8))[:, :cols]
-                codes = self.reader.raw(name, c0, c1, padded)
-                codes_t = scratch("codes_t", (cols, c1 - c0), np.dtype(np.uint8))
-                transpose_into(codes.view(np.uint8), codes_t)
-                dequantise_transposed(
-                    codes_t, grid, row_scale[c0:c1], self.cfg.quant.block[1], dt, band
+                block_cols = self.cfg.quant.block[1]
+                if k0 % block_cols:
+                    raise ValueError(f"{name}: column {k0} does not start a scale block")
+                # rows spaced by a non-power-of-two stride: no cache-set conflicts in the kernel
+                shape = (c1 - c0, width + ROW_PAD)
+                padded = scratch("codes", shape, np.dtype(np.uint8))[:, :width]
+                codes = self.reader.raw(name, c0, c1, padded)[:, k0:k1]
+                nonfinite += dequantise_into(
+                    codes, grid[:, k0 // block_cols :], row_scale[c0:c1], block_cols, band
                 )
                 continue
-            raw = self._raw(name, c0, c1)
-            if raw.dtype == dt:
-                transpose_into(raw, band)
-            else:
-                transpose_into(raw.astype(dt), band)
+            raw = self._raw(name, c0, c1)[:, k0:k1]
+            rows = raw if raw.dtype == dt else raw.astype(dt)
+            nonfinite += count_nonfinite(rows)
+            transpose_into(rows, band)
+        return self.count(name, nonfinite)
 
     def _raw(self, name: str, r0: int, r1: int) -> np.ndarray:
         entry = self.reader.checked.entry(name)

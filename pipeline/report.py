@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 from loader.display import ranges, size
 from loader.format import SHARED
-from pipeline.plan import Plan
+from mimo import hbm
+from pipeline.plan import Plan, build_plan
 
 METADATA_BYTES_PER_ARRAY = 1024  # zarr.json of an array and its share of group metadata
 
 
-def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) -> dict[str, Any]:
-    """Everything ``--dry-run`` reports, JSON-ready and stable."""
+def plan_summary(
+    plan: Plan,
+    workers: int,
+    peak: int,
+    origin: dict[str, Any],
+    max_seq_len: int = 4096,
+    lnc: int = 2,
+) -> dict[str, Any]:
+    """Everything ``--dry-run`` reports, JSON-ready and stable; ``hbm`` is the Trainium2 memory
+    plan of a rank serving ``max_seq_len`` tokens at ``lnc`` (:mod:`mimo.hbm`)."""
     cfg, opts = plan.config, plan.options
     per_store = plan.store_bytes()
     devices = [b for s, b in per_store.items() if s != SHARED]
@@ -46,7 +56,7 @@ def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) ->
         k["layers"] = ranges(k["layers"]) if k["layers"] else None
     total = sum(per_store.values())
     n_arrays = sum(counts.values())
-    return {
+    out = {
         "model": "MiMoV2FlashForCausalLM",
         "origin": origin,
         "config": {
@@ -71,8 +81,33 @@ def plan_summary(plan: Plan, workers: int, peak: int, origin: dict[str, Any]) ->
         "source_bytes": plan.source_bytes(),
         "workers": workers,
         "expected_peak_memory": peak,
+        "by_expert_dtype": by_expert_dtype(plan),
         "kinds": list(kinds.values()),
     }
+    out["hbm"] = hbm.plan_from_manifest(out, cfg, max_seq_len, lnc)
+    out["hbm_fits_by_lnc"] = {
+        str(n): hbm.plan_from_manifest(out, cfg, max_seq_len, n)["fits"] for n in (1, 2)
+    }
+    return out
+
+
+def by_expert_dtype(plan: Plan) -> dict[str, dict[str, int]]:
+    """Bytes per device (largest), shared and in total with each ``--expert-dtype`` (the two FP8
+    encodings take the same bytes)."""
+    out = {}
+    for dtype in ("bfloat16", "float8"):
+        opts = replace(plan.options, expert_dtype="float8_e4m3fn" if dtype == "float8" else dtype)
+        if dtype == plan.options.expert_dtype[: len(dtype)] or plan.config.quant is None:
+            other = plan
+        else:
+            other = build_plan(plan.config, opts)
+        per_store = other.store_bytes()
+        out[dtype] = {
+            "per_device_max": max(b for s, b in per_store.items() if s != SHARED),
+            "shared": per_store[SHARED],
+            "total": sum(per_store.values()),
+        }
+    return out
 
 
 def plan_report(s: dict[str, Any]) -> str:
@@ -85,13 +120,23 @@ def plan_report(s: dict[str, Any]) -> str:
         f"  model        {s['config']['layers']} layers, {s['config']['experts']} experts, "
         f"hidden {s['config']['hidden_size']}, vocab {s['config']['vocab_size']}",
         f"  options      devices {o['devices']}, dtype {o['dtype']}, "
-        f"layers {ranges(o['layers'])}, experts {ranges(o['experts'])}",
+        f"layers {ranges(o['layers'])}, experts {ranges(o['experts'])}"
+        + (f", expert dtype {o['expert_dtype']}" if "expert_dtype" in o else ""),
         f"  per device   {size(b['per_device_max'])} in {s['arrays_per_device']} arrays",
         f"  shared       {size(b['shared'])}",
         f"  total disk   {size(s['disk_total'])} ({s['arrays']} arrays, {s['units']} units)",
         f"  source data  {size(s['source_bytes'])} (replicated KV heads are read by each device)",
         f"  peak memory  {s['expected_peak_memory'] / 1e9:.2f} GB expected "
         f"with {s['workers']} workers",
+        "  experts as   "
+        + "; ".join(
+            f"{d}: {size(v['per_device_max'])} per device, {size(v['total'])} in all"
+            for d, v in s["by_expert_dtype"].items()
+        ),
+        "",
+        *("  " + line for line in hbm.render(s["hbm"]).splitlines()),
+        "  fits at     "
+        + ", ".join(f"lnc {n}: {'yes' if ok else 'no'}" for n, ok in s["hbm_fits_by_lnc"].items()),
         "",
         f"  {'store':7} {'array':28} {'shape':>22} {'dtype':>9} {'layers':>14} {'bytes each':>12}",
     ]
@@ -104,4 +149,20 @@ def plan_report(s: dict[str, Any]) -> str:
             f"  {k['store']:7} {k['path']:28} {shape:>22} {k['dtype']:>9} "
             f"{layers:>14} {k['bytes']:>12,}"
         )
+    lines += host_lines(s.get("hosts"))
     return "\n".join(lines)
+
+
+def host_lines(hosts: list[dict[str, Any]] | None) -> list[str]:
+    """The per-host table of a multi-host dry run (``--hosts``); none without it."""
+    if not hosts:
+        return []
+    download = all("download_bytes" in h for h in hosts)
+    head = f"  {'host':>4} {'devices':>12} {'source read':>12}"
+    head += f" {'download':>12}" if download else ""
+    lines = ["", head + f" {'written':>12} {'disk needed':>12}"]
+    for h in hosts:
+        row = f"  {h['rank']:>4} {ranges(h['devices']):>12} {size(h['read_bytes']):>12}"
+        row += f" {size(h['download_bytes']):>12}" if download else ""
+        lines.append(row + f" {size(h['write_bytes']):>12} {size(h['disk_bytes']):>12}")
+    return lines

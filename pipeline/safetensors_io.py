@@ -12,10 +12,13 @@ data_offsets: [begin, end]}, "__metadata__": {...}}``, offsets relative to the d
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -36,6 +39,60 @@ NUMPY_DTYPE = {
     "BOOL": np.dtype(np.bool_),
 }
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_RANK = 8  # real checkpoints hold tensors of rank <= 4
+MAX_DIM = 1 << 40  # far beyond any real dimension (vocab ~152k, hidden 4096)
+FILE_KINDS = (  # what a path that is not a regular file is, for the error message
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class FileId(NamedTuple):
+    """What identifies one version of a local file: a rewrite or replacement changes it.
+
+    A rewrite that keeps the size and restores the mtime on the same inode is not detected
+    (only hashing the contents would).
+    """
+
+    size: int
+    mtime_ns: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileId:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def open_regular(path: str | Path, name: str | Path) -> tuple[int, os.stat_result]:
+    """An fd reading ``path`` and its ``fstat``, or an InputError naming ``name``.
+
+    Only a regular file is opened: a FIFO, a device, a socket or a directory is refused before
+    the open (and checked again on the opened fd, which is opened non-blocking so that a FIFO
+    swapped in meanwhile cannot block).
+    """
+    try:
+        _require_regular(os.stat(path), name)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(f"{name}: file is missing") from None
+    except OSError as e:
+        raise InputError(f"{name}: cannot open ({e.strerror or e})") from None
+    st = os.fstat(fd)
+    try:
+        _require_regular(st, name)
+    except InputError:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _require_regular(st: os.stat_result, name: str | Path) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in FILE_KINDS if test(st.st_mode)), "not a plain file")
+        raise InputError(f"{name}: is {kind}, not a regular file")
 
 
 @dataclass(frozen=True)
@@ -60,6 +117,7 @@ class Header:
     data_start: int
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+    file_id: FileId | None = None  # of the local file the header was read from
 
 
 def header_length(name: str | Path, size: int, first8: bytes) -> int:
@@ -80,70 +138,147 @@ def header_length(name: str | Path, size: int, first8: bytes) -> int:
 def parse_header(name: str | Path, size: int, raw: bytes) -> Header:
     """Validate the JSON header ``raw`` of a ``size``-byte file called ``name``.
 
-    Every field is checked: dtypes, shapes, offsets consistent with the dtype and shape, and data
-    that ends inside the file. Sources that fetch headers remotely (range requests) use this too.
+    At least as strict as the safetensors library: UTF-8 JSON object starting with ``{`` (no
+    BOM, no other encoding, no duplicate keys, no NaN), known dtypes, shapes of at most
+    ``MAX_RANK`` non-negative int dimensions whose bytes match ``data_offsets``, and offsets that
+    tile the data section exactly: contiguous from 0, no overlap, no gap, no trailing bytes.
+    Sources that fetch headers remotely (range requests) use this too.
     """
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{name}: malformed safetensors header (invalid JSON: {e})") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{name}: malformed safetensors header (not a JSON object)")
+    obj = _header_json(name, raw)
     data_start = 8 + len(raw)
     data_size = size - data_start
     meta = obj.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise InputError(f"{name}: malformed safetensors header (__metadata__ is not an object)")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InputError(
+            f"{name}: malformed safetensors header (__metadata__ must map strings to strings)"
+        )
     tensors: dict[str, TensorEntry] = {}
     for tname, e in obj.items():
         tensors[tname] = _entry(Path(name), tname, e, data_start, data_size)
-    return Header(Path(name), size, data_start, tensors, {str(k): str(v) for k, v in meta.items()})
+    _check_tiling(name, tensors, data_start, data_size)
+    return Header(Path(name), size, data_start, tensors, meta)
 
 
-def read_header(path: str | Path) -> Header:
-    """Parse and validate the header of the local file ``path``; problems are InputErrors."""
-    path = Path(path)
+def _header_json(name: str | Path, raw: bytes) -> dict[str, Any]:
+    """``raw`` parsed as one JSON object, refusing anything the safetensors library refuses."""
+    bad = f"{name}: malformed safetensors header"
+    if raw[:1] != b"{":
+        raise InputError(f"{bad} (does not start with '{{': not UTF-8 JSON)")
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            n = header_length(path, size, f.read(8))
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file listed in the index is missing") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a safetensors file") from None
-    return parse_header(path, size, raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{bad} (not UTF-8 at byte {8 + e.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{bad} (invalid JSON: {e})") from None
+    except RecursionError:
+        raise InputError(f"{bad} (nested too deeply)") from None
+    except ValueError as e:  # from the hooks
+        raise InputError(f"{bad} ({e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{bad} (not a JSON object)")
+    return obj
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        dup = next(k for i, (k, _) in enumerate(pairs) if any(k == j for j, _ in pairs[:i]))
+        raise ValueError(f"key {dup!r} appears twice")
+    return obj
+
+
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not valid JSON")
+
+
+class SizeMismatch(InputError):
+    """The header's tensors do not end where the file (as sized by its source) ends."""
+
+
+def _check_tiling(
+    name: str | Path, tensors: dict[str, TensorEntry], data_start: int, data_size: int
+) -> None:
+    """The tensors' byte ranges cover the data section exactly, in offset order."""
+    pos = data_start
+    for e in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != pos:
+            what = "overlaps the previous tensor" if e.begin < pos else "leaves a gap before it"
+            raise InputError(
+                f"{name}: tensor {e.name!r}: data_offsets [{e.begin - data_start}, "
+                f"{e.end - data_start}] {what} (data must be contiguous)"
+            )
+        pos = e.end
+    if pos != data_start + data_size:
+        raise SizeMismatch(
+            f"{name}: {data_start + data_size - pos} trailing bytes after the last tensor "
+            f"(the data section ends at byte {pos}, the file has {data_start + data_size})"
+        )
+
+
+def read_header(path: str | Path, name: str | Path | None = None) -> Header:
+    """Parse and validate the header of the local regular file ``path``; problems are
+    InputErrors naming ``name`` (default: ``path``). The header records the file's identity."""
+    path = Path(path)
+    name = path if name is None else name
+    if not os.path.lexists(path):
+        raise InputError(f"{name}: file listed in the index is missing")
+    fd, st = open_regular(path, name)
+    with os.fdopen(fd, "rb") as f:
+        size = st.st_size
+        n = header_length(name, size, f.read(8))
+        raw = f.read(n)
+    if len(raw) < n:
+        raise InputError(f"{name}: truncated safetensors header ({len(raw)} of {n} bytes)")
+    h = parse_header(name, size, raw)
+    return Header(h.path, h.size, h.data_start, h.tensors, h.metadata, FileId.of(st))
 
 
 def _entry(path: Path, name: str, e: object, data_start: int, data_size: int) -> TensorEntry:
-    where = f"{path}: tensor '{name}'"
+    where = f"{path}: tensor {name!r}"
     if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
-        raise InputError(f"{where}: malformed header entry {e!r}")
+        raise InputError(f"{where}: malformed header entry {_short(e)}")
     dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-    if dtype not in NUMPY_DTYPE:
-        raise InputError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    if not isinstance(dtype, str) or dtype not in NUMPY_DTYPE:
+        raise InputError(f"{where}: unknown dtype {_short(dtype)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
+        or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)
     ):
-        raise InputError(f"{where}: malformed shape {shape!r}")
+        raise InputError(
+            f"{where}: malformed shape {_short(shape)} (at most {MAX_RANK} dimensions, "
+            f"each an int in [0, {MAX_DIM}])"
+        )
     if (
         not isinstance(offs, list)
         or len(offs) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        or not all(_is_int(o) for o in offs)
         or not 0 <= offs[0] <= offs[1]
     ):
-        raise InputError(f"{where}: malformed data_offsets {offs!r}")
-    want = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPE[dtype].itemsize
+        raise InputError(f"{where}: malformed data_offsets {_short(offs)}")
+    want = math.prod(shape) * NUMPY_DTYPE[dtype].itemsize  # Python ints: no overflow
     if offs[1] - offs[0] != want:
         raise InputError(
             f"{where}: data_offsets span {offs[1] - offs[0]} bytes but {dtype}{shape} needs {want}"
         )
     if offs[1] > data_size:
-        raise InputError(
+        raise SizeMismatch(
             f"{where}: data ends at byte {data_start + offs[1]} but the file has "
             f"{data_start + data_size} bytes (truncated file)"
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + offs[0], data_start + offs[1])
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to one short line (a hostile header may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 IOV_MAX = 1024

@@ -9,15 +9,22 @@ Hugging Face Hub repository through the same interface.
 against the tensor inventory before a single output byte is written: a missing file or tensor,
 a truncated or malformed file, a dtype or shape that contradicts the config, a missing scale or an
 index path escaping the source folder is an :class:`InputError` naming the file and tensor.
+
+A checkpoint is untrusted input. A local source reads only regular files (never a FIFO or device,
+which could block or never end) whose real path lies inside the source folder, so a symlink cannot
+copy a file from elsewhere into OUT; JSON is bounded in size and nesting. Each local file's
+identity (size, mtime, inode) is recorded with its header and checked again whenever the
+:class:`Reader` reads it, so a file changed during a run stops the run instead of mixing versions.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -29,7 +36,14 @@ from mimo.fp8 import has_fused_kv, kv_grid_rows
 from mimo.names import SCALE_SUFFIX
 from pipeline.errors import InputError
 from pipeline.inventory import HubTensor
-from pipeline.safetensors_io import Header, TensorEntry, read_header, read_rows
+from pipeline.safetensors_io import (
+    FileId,
+    Header,
+    TensorEntry,
+    open_regular,
+    read_header,
+    read_rows,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -41,6 +55,8 @@ EXTRA_FILES = (
     "vocab.json",
     "merges.txt",
 )
+MAX_SMALL_BYTES = 256 << 20  # a real tokenizer.json is ~10 MB
+MAX_INDEX_BYTES = 64 << 20  # the real index is ~7 MB
 
 
 class Source(Protocol):
@@ -74,36 +90,84 @@ class Source(Protocol):
 def safe_relative(name: str, tensor: str) -> str:
     """``name`` as a plain relative path inside the source folder, or an InputError."""
     p = PurePosixPath(name)
+    if any(ord(c) < 32 or c == "\x7f" for c in name):  # NUL cannot be opened, newlines mislead
+        raise InputError(f"{INDEX}: tensor {tensor!r} maps to {name!r}, not a valid file name")
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name or name.startswith("~"):
         raise InputError(
-            f"{INDEX}: tensor '{tensor}' maps to {name!r}, a path outside the source folder"
+            f"{INDEX}: tensor {tensor!r} maps to {name!r}, a path outside the source folder"
         )
     return str(p)
 
 
+def hf_cache_blobs(root: Path) -> Path | None:
+    """The ``blobs`` folder of a Hugging Face cache repository when ``root`` is a snapshot.
+
+    In ``models--ORG--NAME/snapshots/REV`` every file is a symlink into ``../../blobs/``.
+    A ``blobs`` that is itself a symlink is not trusted (it could point anywhere).
+    """
+    snapshots, repo = root.parent, root.parent.parent
+    blobs = repo / "blobs"
+    if (
+        snapshots.name == "snapshots"
+        and repo.name.startswith("models--")
+        and blobs.is_dir()
+        and not blobs.is_symlink()
+    ):
+        return blobs
+    return None
+
+
 class LocalSource:
-    """A checkpoint folder on local disk."""
+    """A checkpoint folder on local disk.
+
+    Every file it reads (weights, config, index, tokenizer files) must be a regular file whose
+    real path lies inside the folder, or, when the folder is a Hugging Face cache snapshot (see
+    :func:`hf_cache_blobs`), inside that repository's ``blobs`` folder. Anything else is an
+    :class:`InputError` naming the file.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.root = Path(path).resolve()
         if not self.root.is_dir():
             raise InputError(f"{path}: source folder does not exist")
+        self.blobs = hf_cache_blobs(self.root)
+        self._inside = (self.root,) if self.blobs is None else (self.root, self.blobs)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "path": str(self.root), "revision": None}
 
     def read_small(self, name: str) -> bytes | None:
-        p = self.root / name
-        return p.read_bytes() if p.is_file() else None
+        """``name`` (at most ``MAX_SMALL_BYTES``), or None when the folder has no such entry."""
+        if not os.path.lexists(self.root / name):
+            return None
+        fd, st = open_regular(self._path(name), name)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_SMALL_BYTES + 1) if st.st_size <= MAX_SMALL_BYTES else b""
+        if st.st_size > MAX_SMALL_BYTES or len(data) > MAX_SMALL_BYTES:
+            raise InputError(f"{name}: larger than {MAX_SMALL_BYTES} bytes: not a checkpoint file")
+        return data
 
     def _path(self, file: str) -> Path:
-        p = (self.root / file).resolve()
-        if not p.is_relative_to(self.root):  # a symlink pointing elsewhere
+        """The real path of ``file``, checked to lie inside the folder (or its cache blobs)."""
+        try:
+            p = Path(os.path.realpath(self.root / file, strict=True))
+        except FileNotFoundError:
+            raise InputError(f"{file}: is a symlink to a missing file") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputError(f"{file}: symlink loop") from None
+            raise InputError(f"{file}: cannot resolve ({e.strerror or e})") from None
+        except ValueError as e:  # an embedded NUL
+            raise InputError(f"{file!r}: not a valid file name ({e})") from None
+        if not any(p.is_relative_to(d) for d in self._inside):  # a symlink pointing elsewhere
             raise InputError(f"{file}: resolves to {p}, outside the source folder {self.root}")
         return p
 
     def header(self, file: str) -> Header:
-        return read_header(self._path(file))
+        p = self.root / file
+        if not os.path.lexists(p):
+            raise InputError(f"{p}: file listed in the index is missing")
+        return read_header(self._path(file), name=p)
 
     def fetch(self, file: str) -> Path:
         return self._path(file)
@@ -133,6 +197,7 @@ class ValidatedSource:
     headers: dict[str, Header]  # file -> header, for every file the plan reads
     file_sizes: dict[str, int]
     mtp_layers: int
+    file_ids: dict[str, FileId] = field(default_factory=dict)  # local files: size, mtime, inode
 
     def entry(self, name: str) -> TensorEntry:
         return self.headers[self.weight_map[name]].tensors[name]
@@ -160,10 +225,10 @@ def load_index(source: Source) -> tuple[dict[str, str], str]:
         names = json.dumps(sorted(header.tensors)).encode()
         return {n: SINGLE_FILE for n in header.tensors}, hashlib.sha256(names).hexdigest()
     try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{INDEX}: invalid JSON ({e})") from None
-    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+        obj = load_json_object(raw, MAX_INDEX_BYTES)
+    except ConfigError as e:
+        raise InputError(f"{INDEX}: {e}") from None
+    wm = obj.get("weight_map")
     if not isinstance(wm, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in wm.items()
     ):
@@ -195,7 +260,8 @@ def open_checked(
             )
             raise InputError(f"{INDEX}: {what} '{name}' is missing from the index")
     files = sorted({weight_map[n] for n in needed})
-    headers = {f: source.header(f) for f in files}
+    many = getattr(source, "headers", None)  # a source that reads headers in parallel
+    headers = many(files) if many is not None else {f: source.header(f) for f in files}
     for name in needed:
         file = weight_map[name]
         entry = headers[file].tensors.get(name)
@@ -203,8 +269,9 @@ def open_checked(
             raise InputError(f"{file}: tensor '{name}' is listed in the index but not in the file")
         _check_entry(cfg, inventory[name], entry, file)
     sizes = {f: h.size for f, h in headers.items()}
+    ids = {f: h.file_id for f, h in headers.items() if h.file_id is not None}
     return ValidatedSource(
-        source, raw, cfg, weight_map, digest, headers, sizes, count_mtp_layers(weight_map)
+        source, raw, cfg, weight_map, digest, headers, sizes, count_mtp_layers(weight_map), ids
     )
 
 
@@ -226,7 +293,11 @@ def _check_entry(cfg: MiMoConfig, spec: HubTensor, entry: TensorEntry, file: str
 
 # ----------------------------------------------------------------------------------- reading
 class Reader:
-    """Reads row ranges of validated tensors, from any thread; counts the bytes it read."""
+    """Reads row ranges of validated tensors, from any thread; counts the bytes it read.
+
+    A local file whose identity (:class:`FileId`) differs from the one its header was read with,
+    when opened or after any read, is an InputError: the bytes may not match the header.
+    """
 
     def __init__(self, checked: ValidatedSource) -> None:
         self.checked = checked
@@ -239,8 +310,22 @@ class Reader:
         with self._lock:
             fd = self._fds.get(file)
             if fd is None:
-                fd = self._fds[file] = os.open(self.checked.source.fetch(file), os.O_RDONLY)
+                fd, st = open_regular(self.checked.source.fetch(file), file)
+                try:
+                    self._check(file, st)
+                except InputError:
+                    os.close(fd)
+                    raise
+                self._fds[file] = fd
             return fd
+
+    def _check(self, file: str, st: os.stat_result) -> None:
+        want = self.checked.file_ids.get(file)
+        if want is not None and FileId.of(st) != want:
+            raise InputError(
+                f"{file}: changed since its header was read (size, mtime or inode differ); "
+                "the source must not change during a conversion"
+            )
 
     def close(self, file: str | None = None) -> None:
         with self._lock:
@@ -256,8 +341,10 @@ class Reader:
         self, name: str, r0: int = 0, r1: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Rows ``[r0, r1)`` of ``name`` in its stored dtype (into ``out``'s memory when given)."""
-        entry = self.checked.entry(name)
-        out = read_rows(self._fd(self.checked.weight_map[name]), entry, r0, r1, out)
+        entry, file = self.checked.entry(name), self.checked.weight_map[name]
+        fd = self._fd(file)
+        out = read_rows(fd, entry, r0, r1, out)
+        self._check(file, os.fstat(fd))  # after the read: its bytes are of the header's version
         with self._lock:
             self.bytes_read += out.nbytes
         return out

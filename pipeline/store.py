@@ -1,9 +1,20 @@
 """Writing zarr v3 stores whose chunk files can be memory-mapped (see ``loader.format``).
 
-zarr writes each array's metadata (``zarr.json``, parent groups); the chunk file is written here,
+Metadata is written here directly, without a zarr call per array (zarr-python costs milliseconds
+per array, most of a minute for the real model's thousands of arrays): each array's ``zarr.json``
+is the document zarr-python 3 writes for it (:func:`array_metadata`: one chunk holding the whole
+array, the ``bytes`` codec and no other, ``fill_value`` 0, attributes ``logical_dtype`` for raw-bit
+dtypes), each parent folder gets a group ``zarr.json`` (:func:`group_metadata`), both serialised
+as zarr does (``json.dumps(indent=2)``) and put in place by a rename. Only the store's
+consolidation, once per store, goes through zarr. The chunk file is written here,
 piece by piece, so an array larger than memory streams to disk. Pieces go to a temporary file that
 is renamed into place when complete. The checksum (CRC32 of the chunk file) is computed while
 writing when pieces arrive in file order, else by reading the finished file back.
+
+Non-finite values (NaN, infinity) are counted per array: a writer counts the floating-point
+pieces it is given (:func:`pipeline.nonfinite.count_nonfinite`, on the bits) unless the caller
+passes the count it already has (the FP8 kernel's, or the NaN codes of an FP8 code array);
+:meth:`ArrayWriter.finish` records a count above zero as ``nonfinite``.
 
 Pieces whose memory, offset and length are 4 KiB-aligned are written with ``O_DIRECT``: the disk
 reads them straight from the converter's buffers, skipping the copy into the page cache (the
@@ -15,8 +26,8 @@ filesystems without direct I/O, use ordinary writes; durability comes from the c
 from __future__ import annotations
 
 import errno
+import json
 import os
-import threading
 import uuid
 import warnings
 import zlib
@@ -24,45 +35,111 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec
 
 from loader.format import CORE_DTYPES, chunk_path, chunk_shape, storage_dtype, store_dir
 from loader.verify import crc32_file
 from pipeline.buffers import ALIGN
+from pipeline.journal import refuse_link
+from pipeline.nonfinite import count_nonfinite
 from pipeline.plan import OutputArray
 
-_group_lock = threading.Lock()
+# a chunk piece: a new file of an unpredictable name, never created through a link
+_FLOATS = {"bfloat16", "float32"}  # logical dtypes a writer counts itself; FP8 codes come counted
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def create_store(out: Path, store: str, attributes: dict) -> None:
-    """Create (or reopen, on resume) the root group of ``store``."""
+    """Create (or reopen, on resume) the root group of ``store``.
+
+    The store and everything in it must be real files and folders: a symbolic link anywhere in
+    it is an InputError naming it (zarr and the chunk writers would follow it)."""
     root = store_dir(out, store)
-    with _group_lock:
-        if (root / "zarr.json").exists():
-            return
-        zarr.open_group(root, mode="a", zarr_format=3, attributes=attributes)
+    check_no_links(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "zarr.json").exists():
+        _write_metadata(root, group_metadata(attributes))
+
+
+def check_no_links(root: Path) -> None:
+    """Raise InputError naming the first symbolic link at or under ``root`` (never followed)."""
+    refuse_link(root, "store")
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            refuse_link(Path(parent) / name, "store entry")
+
+
+def remove_partials(root: Path) -> None:
+    """Delete the ``*.partial`` chunk pieces a killed run left under ``root`` (no link followed)."""
+    refuse_link(root, "store")
+    for parent, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".partial"):
+                p = Path(parent) / name
+                if not p.is_symlink():
+                    p.unlink()
+
+
+def array_metadata(shape: tuple[int, ...], dtype: str) -> dict:
+    """The zarr v3 ``zarr.json`` of an array of logical ``dtype``, as zarr-python 3 writes it.
+
+    ``data_type`` is :func:`loader.format.storage_dtype` (raw ``uint16``/``uint8`` bits for
+    bfloat16 and FP8, with ``attributes.logical_dtype`` naming the logical dtype); one regular
+    chunk of :func:`loader.format.chunk_shape`; ``/``-separated default chunk keys; ``fill_value``
+    0 (``0.0`` for floats); the ``bytes`` codec alone (little-endian when wider than a byte).
+    """
+    raw = np.dtype(storage_dtype(dtype))
+    bytes_codec: dict = {"name": "bytes"}
+    if raw.itemsize > 1:
+        bytes_codec["configuration"] = {"endian": "little"}
+    return {
+        "shape": list(shape),
+        "data_type": raw.name,
+        "chunk_grid": {
+            "name": "regular",
+            "configuration": {"chunk_shape": list(chunk_shape(tuple(shape)))},
+        },
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": 0.0 if raw.kind == "f" else 0,
+        "codecs": [bytes_codec],
+        "attributes": {} if dtype in CORE_DTYPES else {"logical_dtype": dtype},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+
+
+def group_metadata(attributes: dict | None = None) -> dict:
+    """The zarr v3 ``zarr.json`` of a group (the store's root, or a parent folder of arrays)."""
+    return {"attributes": dict(attributes or {}), "zarr_format": 3, "node_type": "group"}
 
 
 def create_array_metadata(out: Path, spec: OutputArray) -> None:
-    """Write ``zarr.json`` of ``spec`` (whole-array chunk, raw little-endian bytes, no codecs)."""
-    raw = storage_dtype(spec.dtype)
-    attrs = {} if spec.dtype in CORE_DTYPES else {"logical_dtype": spec.dtype}
-    with _group_lock:  # zarr's parent-group creation is not meant for concurrent writers
-        zarr.create_array(
-            store=store_dir(out, spec.store),
-            name=spec.path,
-            shape=spec.shape,
-            chunks=chunk_shape(spec.shape),
-            dtype=raw,
-            compressors=None,
-            filters=None,
-            serializer=BytesCodec(endian="little") if raw.itemsize > 1 else BytesCodec(),
-            fill_value=0,
-            attributes=attrs,
-            config={"write_empty_chunks": True},
-            zarr_format=3,
-            overwrite=True,
-        )
+    """Write ``zarr.json`` of ``spec`` (whole-array chunk, raw little-endian bytes, no codecs) and
+    a group ``zarr.json`` in each parent folder below the store's root that has none."""
+    root = store_dir(out, spec.store)
+    parts = spec.path.split("/")
+    folder = root.joinpath(*parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    parent = root
+    for part in parts[:-1]:
+        parent = parent / part
+        if not (parent / "zarr.json").exists():  # concurrent writers write the same bytes
+            _write_metadata(parent, group_metadata())
+    _write_metadata(folder, array_metadata(spec.shape, spec.dtype))
+
+
+def _write_metadata(folder: Path, doc: dict) -> None:
+    """``folder/zarr.json`` = ``doc`` via a ``*.partial`` file and a rename (no fsync: the
+    converter's ``syncfs`` makes it durable before the manifest is written)."""
+    path = folder / "zarr.json"
+    refuse_link(path, "metadata file")
+    tmp = folder / f"zarr.json.{uuid.uuid4().hex}.partial"  # removed by remove_partials
+    fd = os.open(tmp, _CREATE, 0o644)
+    try:
+        _write_all(fd, memoryview(json.dumps(doc, indent=2).encode()), 0)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def consolidate(out: Path, store: str) -> None:
@@ -80,7 +157,7 @@ class ArrayWriter:
         self.path = Path(chunk_path(out, spec.store, spec.path, spec.shape))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.partial")
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd = os.open(self.tmp, _CREATE, 0o644)
         self.direct = _open_direct(self.tmp)
         self.nbytes = spec.nbytes
         self.itemsize = np.dtype(storage_dtype(spec.dtype)).itemsize
@@ -92,6 +169,8 @@ class ArrayWriter:
         self.crc = 0
         self.on_bytes = on_bytes
         self.checks: dict = {}  # evidence gathered while writing, recorded in the manifest
+        self.nonfinite = 0  # NaN or infinite values written
+        self._counts = spec.dtype in _FLOATS
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         if offset == self.next:
@@ -116,18 +195,29 @@ class ArrayWriter:
                 self.direct = None
         _write_all(self.fd, data, offset)
 
-    def rows(self, row0: int, block: np.ndarray) -> None:
-        """Write ``block`` as rows ``[row0, row0 + len(block))`` of the array (axis 0)."""
+    def _count(self, block: np.ndarray, nonfinite: int | None) -> None:
+        if nonfinite is None:
+            nonfinite = count_nonfinite(block) if self._counts else 0
+        self.nonfinite += nonfinite
+
+    def rows(self, row0: int, block: np.ndarray, nonfinite: int | None = None) -> None:
+        """Write ``block`` as rows ``[row0, row0 + len(block))`` of the array (axis 0).
+
+        ``nonfinite``: how many values of ``block`` are NaN or infinite, when the caller knows;
+        None: the writer counts them (floating-point arrays)."""
+        self._count(block, nonfinite)
         data = _bytes(block)
         if len(data) % self.row_bytes:
             raise ValueError(f"{self.spec.path}: block is not a whole number of rows")
         self._write(data, row0 * self.row_bytes)
 
-    def tile(self, row0: int, col0: int, block: np.ndarray) -> None:
-        """Write the 2-D ``block`` at ``[row0:, col0:]`` of a 2-D array, a row segment at a time."""
+    def tile(self, row0: int, col0: int, block: np.ndarray, nonfinite: int | None = None) -> None:
+        """Write the 2-D ``block`` at ``[row0:, col0:]`` of a 2-D array, a row segment at a time
+        (``nonfinite`` as in :meth:`rows`)."""
         rows, cols = block.shape
         if col0 == 0 and cols == self.spec.shape[1]:
-            return self.rows(row0, block)
+            return self.rows(row0, block, nonfinite)
+        self._count(block, nonfinite)
         data = _bytes(block)
         seg = cols * self.itemsize
         for i in range(rows):
@@ -151,6 +241,8 @@ class ArrayWriter:
         checksum = f"crc32:{self.crc:08x}" if self.next == self.nbytes else crc32_file(self.tmp)
         os.replace(self.tmp, self.path)
         record = {"bytes": self.nbytes, "checksum": checksum}
+        if self.nonfinite:
+            record["nonfinite"] = self.nonfinite
         return record | ({"checks": self.checks} if self.checks else {})
 
     def _close(self) -> None:
@@ -173,7 +265,7 @@ def _open_direct(path: Path) -> int | None:
     if not flag or os.environ.get("MIMO_SHARD_DIRECT_IO", "1") == "0":
         return None
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | flag)
     except OSError:  # EINVAL: tmpfs and other filesystems without O_DIRECT
         return None
 

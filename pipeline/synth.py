@@ -253,14 +253,29 @@ def write_checkpoint(
     return out
 
 
-@click.command()
+@click.command(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Presets: tiny (7 layers, hidden 320, 16 experts, ~21 MB), small (8 layers, hidden 1024,"
+    " 32 experts, ~400 MB), full-width (the real tensor shapes, 6 layers, 8 experts, ~4.5 GB)."
+    " Weights are random: text generated from them is gibberish by design."
+)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True)
-@click.option("--layers", type=int, default=None, help="Number of decoder layers.")
-@click.option("--experts", type=int, default=None, help="Routed experts per MoE layer.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="tiny",
+    show_default=True,
+    help="Tensor shapes and default layer/expert counts (see below).",
+)
+@click.option("--layers", type=int, default=None, help="Decoder layers [default: the preset's].")
+@click.option(
+    "--experts", type=int, default=None, help="Routed experts per MoE layer [default: preset's]."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Random seed; equal seeds, equal bytes."
+)
 @click.option("--mtp", is_flag=True, help="Also write the 3 MTP layers (model_mtp.safetensors).")
-@click.option("--force", is_flag=True, help="Replace OUT if it already holds files.")
+@click.option("--force", is_flag=True, help="Delete OUT first if it is not empty.")
 def main(
     out: Path,
     preset: str,
@@ -270,7 +285,12 @@ def main(
     mtp: bool,
     force: bool,
 ) -> None:
-    """Write a synthetic MiMo-V2-Flash checkpoint in the hub layout into OUT."""
+    """Write a synthetic MiMo-V2-Flash checkpoint into OUT, laid out like the Hub's.
+
+    OUT gets config.json (hub keys), model.safetensors.index.json, the per-layer safetensors
+    files with the real tensor names and dtypes (FP8 e4m3fn with 128x128 weight_scale_inv
+    grids) and a small BPE tokenizer. Convert it with: mimo-shard OUT OUT2 --devices N
+    """
     if out.exists() and any(out.iterdir()):
         if not force:
             raise click.UsageError(f"{out} is not empty (use --force to replace it)")

@@ -9,7 +9,9 @@ vocabulary-split ``lm_head`` streams in tiles).
 transform           output(s)
 ==================  =========================================================================
 copy                ``w``, cast (embedding, norms, router bias)
-transpose           ``w[source_rows].T`` (router ``[H, E]``, ``lm_head`` vocabulary slices)
+transpose           ``w[source_rows].T`` (router ``[H, E]``, ``lm_head`` vocabulary slices; one
+                    larger than ``IN_MEMORY_LIMIT`` in bands of output rows, the source read
+                    once per band)
 transpose_split     ``w.T`` cut at ``source_cols``, one array per device (``o``, dense ``down``)
 split_rows          ``w[source_rows]`` per device (sinks)
 qkv                 ``[q.T | k.T | v.T]`` rows of a device's heads (fused K/V rule)
@@ -17,19 +19,30 @@ gate_up             ``[gate[source_rows].T | up[source_rows].T]`` (dense MLP sli
 experts_gate_up     ``[E_local, H, 2*I]``: ``[gate_e.T | up_e.T]`` per local expert
 experts_down        ``[E_local, I, H]``: ``down_e.T`` per local expert
 ==================  =========================================================================
+
+With FP8 experts the two ``experts_*`` transforms also write the ``*_scale`` array and copy codes
+instead of dequantising them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from loader.format import LOGICAL_DTYPES
 from pipeline.buffers import scratch
+from pipeline.e4m3 import ocp_to_trn
+from pipeline.errors import InputError
 from pipeline.fp8 import fused_kv_saturation
+from pipeline.fp8_codes import count_nan_codes, transpose_codes_into
 from pipeline.plan import Unit
 from pipeline.reading import UnitContext
 
-IN_MEMORY_LIMIT = 256 << 20  # a transposed output larger than this is written in tiles
+FP8_ENCODINGS = ("float8_e4m3fn", "float8_e4m3")
+
+IN_MEMORY_LIMIT = 256 << 20  # a transposed output larger than this is written in row bands
+BAND_ALIGN = 128  # band rows: a multiple of the FP8 scale block (and of 8: 4 KiB-aligned offsets)
 
 
 def _one(unit: Unit, key: str = "w") -> str:
@@ -56,15 +69,16 @@ def _transpose(ctx: UnitContext, unit: Unit) -> None:
     dt = LOGICAL_DTYPES[spec.dtype]
     if spec.nbytes <= IN_MEMORY_LIMIT:
         out = scratch("out", spec.shape, dt)
-        ctx.transposed_rows(name, r0, r1, spec.dtype, out)
-        w.rows(0, out)
+        w.rows(0, out, ctx.transposed_rows(name, r0, r1, spec.dtype, out))
         return
-    step = ctx.rows_per_chunk(name, spec.dtype)
-    for c0 in range(r0, r1, step):  # tiles: a column band of the output per source chunk
-        c1 = min(c0 + step, r1)
-        band = scratch("band", (spec.shape[0], c1 - c0), dt)
-        ctx.transposed_rows(name, c0, c1, spec.dtype, band)
-        w.tile(0, c0 - r0, band)
+    # bands of whole output rows (source columns), each read from all source rows: every band is
+    # one contiguous, block-aligned piece of the chunk file, written with direct I/O
+    row_bytes = (r1 - r0) * dt.itemsize
+    band_rows = max(BAND_ALIGN, IN_MEMORY_LIMIT // row_bytes // BAND_ALIGN * BAND_ALIGN)
+    for k0 in range(0, spec.shape[0], band_rows):
+        k1 = min(k0 + band_rows, spec.shape[0])
+        band = scratch("band", (k1 - k0, r1 - r0), dt)
+        w.rows(k0, band, ctx.transposed_rows(name, r0, r1, spec.dtype, band, cols=(k0, k1)))
 
 
 def _transpose_split(ctx: UnitContext, unit: Unit) -> None:
@@ -72,9 +86,9 @@ def _transpose_split(ctx: UnitContext, unit: Unit) -> None:
     dtype = unit.outputs[0].dtype
     rows, cols = ctx.reader.shape(name)
     full = scratch("out", (cols, rows), LOGICAL_DTYPES[dtype])
-    ctx.transposed_rows(name, 0, rows, dtype, full)
+    clean = ctx.transposed_rows(name, 0, rows, dtype, full) == 0
     for spec, (c0, c1) in zip(unit.outputs, unit.params["source_cols"], strict=True):
-        ctx.writer(spec).rows(0, full[c0:c1])
+        ctx.writer(spec).rows(0, full[c0:c1], 0 if clean else None)  # None: count the slice
 
 
 def _split_rows(ctx: UnitContext, unit: Unit) -> None:
@@ -90,12 +104,12 @@ def _qkv(ctx: UnitContext, unit: Unit) -> None:
     q, k, v = (_one(unit, key) for key in ("q", "k", "v"))
     d, dv = layer.head_dim, layer.v_head_dim
     out = scratch("out", spec.shape, LOGICAL_DTYPES[spec.dtype])
-    col = 0
+    col = nonfinite = 0
     for name, r0, r1 in ((q, h0 * d, h1 * d), (k, g0 * d, g1 * d), (v, g0 * dv, g1 * dv)):
-        ctx.transposed_rows(name, r0, r1, spec.dtype, out[:, col : col + r1 - r0])
+        nonfinite += ctx.transposed_rows(name, r0, r1, spec.dtype, out[:, col : col + r1 - r0])
         col += r1 - r0
     w = ctx.writer(spec)
-    w.rows(0, out)
+    w.rows(0, out, nonfinite)
     if ctx.is_fused_kv(k):  # the fused reading is inferred: measure the evidence for it
         w.checks["fused_kv"] = fused_kv_saturation(
             ctx.reader.raw(k, g0 * d, g1 * d),
@@ -111,31 +125,80 @@ def _gate_up(ctx: UnitContext, unit: Unit) -> None:
     gate, up = _one(unit, "gate"), _one(unit, "up")
     i0, i1 = unit.params["source_rows"]
     out = scratch("out", spec.shape, LOGICAL_DTYPES[spec.dtype])
-    ctx.transposed_rows(gate, i0, i1, spec.dtype, out[:, : i1 - i0])
-    ctx.transposed_rows(up, i0, i1, spec.dtype, out[:, i1 - i0 :])
-    ctx.writer(spec).rows(0, out)
+    nonfinite = ctx.transposed_rows(gate, i0, i1, spec.dtype, out[:, : i1 - i0])
+    nonfinite += ctx.transposed_rows(up, i0, i1, spec.dtype, out[:, i1 - i0 :])
+    ctx.writer(spec).rows(0, out, nonfinite)
 
 
 def _experts_gate_up(ctx: UnitContext, unit: Unit) -> None:
+    if unit.outputs[0].dtype in FP8_ENCODINGS:
+        return _experts_fp8(ctx, unit, ("gate", "up"))
     (spec,) = unit.outputs
     _, h, two_i = spec.shape
     w = ctx.writer(spec)
     slab = scratch("slab", (h, two_i), LOGICAL_DTYPES[spec.dtype])
     pairs = zip(unit.inputs["gate"], unit.inputs["up"], strict=True)
     for j, (gate, up) in enumerate(pairs):
-        ctx.transposed_rows(gate, 0, two_i // 2, spec.dtype, slab[:, : two_i // 2])
-        ctx.transposed_rows(up, 0, two_i // 2, spec.dtype, slab[:, two_i // 2 :])
-        w.rows(j, slab[None])
+        nonfinite = ctx.transposed_rows(gate, 0, two_i // 2, spec.dtype, slab[:, : two_i // 2])
+        nonfinite += ctx.transposed_rows(up, 0, two_i // 2, spec.dtype, slab[:, two_i // 2 :])
+        w.rows(j, slab[None], nonfinite)
 
 
 def _experts_down(ctx: UnitContext, unit: Unit) -> None:
+    if unit.outputs[0].dtype in FP8_ENCODINGS:
+        return _experts_fp8(ctx, unit, ("down",))
     (spec,) = unit.outputs
     _, i, h = spec.shape
     w = ctx.writer(spec)
     slab = scratch("slab", (i, h), LOGICAL_DTYPES[spec.dtype])
     for j, down in enumerate(unit.inputs["down"]):
-        ctx.transposed_rows(down, 0, h, spec.dtype, slab)
-        w.rows(j, slab[None])
+        w.rows(j, slab[None], ctx.transposed_rows(down, 0, h, spec.dtype, slab))
+
+
+def _experts_fp8(ctx: UnitContext, unit: Unit, keys: tuple[str, ...]) -> None:
+    """FP8 experts: codes transposed byte for byte, the scale grid transposed with them.
+
+    The code array's ``nonfinite`` is its NaN codes, the scale array's its non-finite scales (both
+    also in the ``encoding`` counts).
+
+    Per expert, the inputs ``keys`` (gate then up, or down) are laid side by side along the
+    output's last axis, codes and grids alike. ``float8_e4m3`` re-encodes each block for
+    Trainium2 first (:func:`pipeline.e4m3.ocp_to_trn`: halved codes, doubled scale).
+    """
+    codes_spec, scale_spec = unit.outputs
+    encoding = codes_spec.dtype
+    block = ctx.cfg.quant.block
+    wc, ws = ctx.writer(codes_spec), ctx.writer(scale_spec)
+    slab = scratch("slab", codes_spec.shape[1:], np.dtype(np.uint8))
+    grid_slab = scratch("grid", scale_spec.shape[1:], np.dtype(np.float32))
+    stats = {"halved_blocks": 0, "inexact": 0, "nan_codes": 0, "nonfinite_scales": 0}
+    for j, tensors in enumerate(zip(*(unit.inputs[k] for k in keys), strict=True)):
+        col = grid_col = 0
+        for name in tensors:
+            codes, grid = ctx.fp8_weight(name)  # [R, C] in the hub's [out, in] orientation
+            bad_scales = int(np.count_nonzero(~np.isfinite(grid)))
+            rows = codes.shape[0]
+            if encoding == "float8_e4m3":
+                nan_codes = count_nan_codes(codes)  # of the checkpoint's e4m3fn codes
+                codes, grid, halving = ocp_to_trn(codes, grid, block, name=name)
+                stats["halved_blocks"] += halving.halved_blocks
+                stats["inexact"] += halving.inexact
+                transpose_codes_into(codes, slab[:, col : col + rows])
+            else:
+                nan_codes = transpose_codes_into(codes, slab[:, col : col + rows])
+            grid_slab[:, grid_col : grid_col + grid.shape[0]] = grid.T
+            stats["nan_codes"] += nan_codes
+            stats["nonfinite_scales"] += bad_scales
+            ctx.count(name, nan_codes + bad_scales)
+            col, grid_col = col + rows, grid_col + grid.shape[0]
+        wc.rows(j, slab[None], nonfinite=0)  # counted per tensor below
+        ws.rows(j, grid_slab[None], nonfinite=0)
+    wc.nonfinite, ws.nonfinite = stats["nan_codes"], stats["nonfinite_scales"]
+    scale_path = scale_spec.path
+    ctx.extra[len(ctx.writers) - 2] = {
+        "encoding": {"format": encoding, "block": list(block), "scale": scale_path, **stats}
+    }
+    ctx.extra[len(ctx.writers) - 1] = {"scale_of": codes_spec.path}
 
 
 TRANSFORMS: dict[str, Callable[[UnitContext, Unit], None]] = {
@@ -150,11 +213,33 @@ TRANSFORMS: dict[str, Callable[[UnitContext, Unit], None]] = {
 }
 
 
+def nonfinite_message(array: str, tensors: list[str], count: int) -> str:
+    """How a non-finite output is reported: the array, the source tensor(s), the count."""
+    return (
+        f"array '{array}' holds {count} non-finite value(s) (NaN or infinity) from tensor "
+        + ", ".join(f"'{t}'" for t in tensors)
+    )
+
+
 def run_unit(ctx: UnitContext, unit: Unit) -> list[dict]:
-    """Execute ``unit``; return one manifest record per output (bytes, checksum) in order."""
+    """Execute ``unit``; return one manifest record per output (bytes, checksum) in order.
+
+    An output holding NaN or infinite values is an InputError naming the array, its source
+    tensor(s) and the count (the unit's pieces are removed), unless ``ctx.allow_nonfinite``:
+    then the record carries the count as ``nonfinite`` and ``ctx.warnings`` says so.
+    """
     try:
         TRANSFORMS[unit.transform](ctx, unit)
-        return [w.finish() for w in ctx.writers]
+        for w in ctx.writers:
+            if w.nonfinite:
+                tensors = [t for t in unit.sources if ctx.tensor_nonfinite.get(t)]
+                line = nonfinite_message(
+                    f"{w.spec.store}/{w.spec.path}", tensors or list(unit.sources), w.nonfinite
+                )
+                if not ctx.allow_nonfinite:
+                    raise InputError(f"{line}; --allow-nonfinite converts it anyway")
+                ctx.warnings.append(line)
+        return [w.finish() | ctx.extra.get(i, {}) for i, w in enumerate(ctx.writers)]
     except BaseException:
         for w in ctx.writers:
             w.abort()

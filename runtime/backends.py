@@ -20,7 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from runtime import ops
-from runtime.kernels.moe_block import moe_block
+from runtime.kernels.fp8_dequant import dequant_parts
+from runtime.kernels.moe_block import moe_block, replica_owner
 from runtime.kernels.moe_router import moe_router
 from runtime.kernels.swiglu import swiglu
 from runtime.kernels.token_embedding import token_embedding
@@ -102,21 +103,38 @@ def moe_block_routed(
     norm_topk: bool,
     scaling: float,
     comm,
+    gate_up_scale: np.ndarray | None = None,
+    down_scale: np.ndarray | None = None,
+    replica_index: np.ndarray | None = None,
+    replica_count: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`runtime.kernels.moe_block.moe_block` computing each local expert on its routed
-    tokens only (data-dependent shapes: host only). x (T, H) -> (T, H) summed over ranks."""
+    tokens only (data-dependent shapes: host only). x (T, H) -> (T, H) summed over ranks.
+    FP8 experts are dequantised one routed expert at a time; a replicated expert's slot takes
+    only its share of the tokens (the same rule as the device kernel)."""
     weights, idx = moe_router(
         x, router_w, choice_bias, top_k=top_k, norm_topk=norm_topk, scaling=scaling
     )  # (T, k), (T, k)
     partial = np.zeros(x.shape, np.float32)
+    owner = (
+        replica_owner(x.shape[0], replica_index, replica_count)
+        if replica_count is not None
+        else None
+    )  # (T, E_l)
     for j, expert in enumerate(expert_ids.tolist()):
         hit = idx == expert  # (T, k)
+        if owner is not None:
+            hit &= owner[:, j : j + 1]
         rows = np.flatnonzero(hit.any(axis=1))
         if rows.size == 0:
             continue
         gate = np.sum(np.where(hit[rows], weights[rows], 0.0), axis=1, dtype=np.float32)  # (t,)
-        gu = as_f32("expert_gate_up", gate_up[j]) if gate_up.dtype == BF16 else gate_up[j]
-        dn = as_f32("expert_down", down[j]) if down.dtype == BF16 else down[j]
+        if gate_up_scale is not None:
+            gu = dequant_parts(gate_up[j], gate_up_scale[j], 2)
+            dn = dequant_parts(down[j], down_scale[j], 1)
+        else:
+            gu = as_f32("expert_gate_up", gate_up[j]) if gate_up.dtype == BF16 else gate_up[j]
+            dn = as_f32("expert_down", down[j]) if down.dtype == BF16 else down[j]
         partial[rows] += gate[:, None] * swiglu(x[rows], gu, dn)
     return ops.all_reduce(partial.astype(x.dtype), comm)
 
@@ -124,6 +142,6 @@ def moe_block_routed(
 CPU_VARIANTS: dict[Callable[..., Any], Callable[..., Any]] = {moe_block: moe_block_routed}
 # arguments a kernel converts itself (only the rows or experts it touches)
 LAZY_ARGS: dict[Callable[..., Any], tuple[str, ...]] = {
-    moe_block_routed: ("gate_up", "down"),
+    moe_block_routed: ("gate_up", "down", "gate_up_scale", "down_scale"),
     token_embedding: ("table",),
 }

@@ -10,6 +10,8 @@ Kernels only read ``replica_groups`` while traced for Trainium; on CPU they call
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from typing import Protocol
 
@@ -94,3 +96,37 @@ class ThreadGroup:
     def abort(self) -> None:
         """Release every rank blocked in a collective (they raise BrokenBarrierError)."""
         self._s.barrier.abort()
+
+
+class RanksDisagree(ValueError):
+    """The ranks were started with different inputs or options; the message names the first."""
+
+
+DIGEST_BYTES = 32
+
+
+def _digest(value: object) -> np.ndarray:
+    data = json.dumps(value, sort_keys=True, default=str).encode()
+    return np.frombuffer(hashlib.sha256(data).digest(), dtype=np.uint8)
+
+
+def agree(comm: Communicator, fields: dict[str, object]) -> None:
+    """Every rank checks that all ranks hold the same ``fields`` (name -> JSON-able value).
+
+    Each rank contributes one sha256 per field (a ``(len(fields), 32)`` uint8 array, gathered
+    over ``comm``); every rank must call this with the same field names in the same order. Raises
+    :class:`RanksDisagree` naming the first field and the ranks that differ from rank 0.
+    """
+    if comm.world_size == 1:
+        return
+    names = list(fields)
+    mine = np.stack([_digest(fields[n]) for n in names])
+    every = comm.all_gather(mine[None], axis=0)  # (world, fields, 32)
+    for i, name in enumerate(names):
+        others = [r for r in range(comm.world_size) if not np.array_equal(every[r, i], every[0, i])]
+        if others:
+            ranks = ", ".join(map(str, others))
+            raise RanksDisagree(
+                f"ranks disagree on {name}: rank{'s' if len(others) > 1 else ''} {ranks} "
+                "differ from rank 0 (start every rank with the same output and options)"
+            )

@@ -7,7 +7,9 @@ multi-process run (every rank computes the same logits and, from the same seed, 
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,12 +27,31 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature is not None and self.temperature <= 0:
-            raise ValueError("--temperature must be > 0 (use --greedy for argmax)")
+        t = self.temperature
+        if t is not None and not (math.isfinite(t) and t > 0):
+            raise ValueError(f"--temperature {t}: must be a number > 0 (use --greedy for argmax)")
         if self.top_k < 1:
-            raise ValueError("--top-k must be >= 1")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("--top-p must be in (0, 1]")
+            raise ValueError(f"--top-k {self.top_k}: must be >= 1")
+        if not 0 < self.top_p <= 1:  # NaN fails too
+            raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
+
+
+class NonFiniteLogits(ValueError):
+    """The model produced NaN or Inf logits: its weights are damaged."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(
+            f"non-finite logits at position {position}: the output's weights hold NaN/Inf "
+            "(mimo-manifest verify; reconvert)"
+        )
+        self.position = position
+
+
+def check_finite(logits: np.ndarray, first_position: int) -> None:
+    """Raise NonFiniteLogits naming the first position whose logits ``(T, V)`` are not finite."""
+    ok = np.isfinite(logits).all(axis=-1)
+    if not ok.all():
+        raise NonFiniteLogits(first_position + int(np.argmin(ok)))
 
 
 @dataclass
@@ -49,10 +70,17 @@ def generate(
     sampling: Sampling = Sampling(),
     eos_token_ids: frozenset[int] = frozenset(),
     max_seq_len: int | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
 ) -> Generation:
-    """Up to ``max_new_tokens`` tokens after ``input_ids``; stops after any of ``eos_token_ids``."""
+    """Up to ``max_new_tokens`` tokens after ``input_ids``; stops after any of ``eos_token_ids``.
+
+    ``on_layer(done, total)`` is called after each decoder layer of the prefill (progress).
+    Raises :class:`NonFiniteLogits` as soon as a position's logits hold NaN or Inf (on a device
+    model, which samples decode steps itself, the prompt's logits are checked).
+    """
     rng = np.random.default_rng(sampling.seed)
     vocab_top_k = None
+    on_device = hasattr(model, "pick")  # a model resident on a device samples there
 
     def choose(logits: np.ndarray) -> int:
         nonlocal vocab_top_k
@@ -67,8 +95,11 @@ def generate(
         )
 
     t0 = time.perf_counter()
-    prompt_logits = model.prefill(input_ids)
+    prompt_logits = (
+        model.prefill(input_ids) if on_layer is None else model.prefill(input_ids, on_layer)
+    )
     t1 = time.perf_counter()
+    check_finite(prompt_logits, 0)
     out: list[int] = []
     stopped = "max_new_tokens"
     decode_s = 0.0
@@ -85,7 +116,14 @@ def generate(
                 stopped = "max_seq_len"
                 break
             t = time.perf_counter()
-            out.append(choose(model.decode(out[-1])))
+            if on_device:  # the device chooses: only the token id comes back
+                model.feed([out[-1]])
+                u = float(rng.random()) if sampling.temperature is not None else 0.0
+                out.append(model.pick(sampling.temperature, sampling.top_k, sampling.top_p, u))
+            else:
+                step = model.decode(out[-1])
+                check_finite(step[None], len(input_ids) + len(out) - 1)
+                out.append(choose(step))
             decode_s += time.perf_counter() - t
         if out[-1] in eos_token_ids and stopped == "max_new_tokens":
             stopped = "eos"

@@ -13,6 +13,7 @@ are float32; weights stay in the store's dtype (memory maps, never copied).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from runtime.kernels.attention_swa import attention_swa
 from runtime.kernels.dense_mlp import dense_mlp
 from runtime.kernels.logits import logits
 from runtime.kernels.moe_block import moe_block
+from runtime.kernels.moe_router import moe_router
 from runtime.kernels.rmsnorm import rmsnorm
 from runtime.kernels.rope_partial import rope_tables
 from runtime.kernels.token_embedding import token_embedding
@@ -44,10 +46,34 @@ KERNEL_ARG = {
     "router": "router_w",
     "router_bias": "router_bias",
     "experts/gate_up": "gate_up",
+    "experts/gate_up_scale": "gate_up_scale",
     "experts/down": "down",
+    "experts/down_scale": "down_scale",
     "mlp/gate_up": "gate_up",
     "mlp/down": "down",
 }
+
+
+MOE_OPTIONAL = ("gate_up_scale", "down_scale", "replica_index", "replica_count")
+
+
+def replicas(per_rank: list[list[int]], rank: int) -> dict[str, np.ndarray]:
+    """``replica_index``/``replica_count`` (E_l,) uint32 of ``rank``'s slots on one layer, from
+    the layer's expert map (replicas numbered in rank order, then slot order); empty when no
+    expert of the layer has more than one slot (every rank then runs the plain kernel)."""
+    count: dict[int, int] = {}
+    index = []
+    for r, slots in enumerate(per_rank):
+        for e in slots:
+            if r == rank:
+                index.append(count.get(e, 0))
+            count[e] = count.get(e, 0) + 1
+    if all(c == 1 for c in count.values()):
+        return {}
+    return {
+        "replica_index": np.asarray(index, np.uint32),
+        "replica_count": np.asarray([count[e] for e in per_rank[rank]], np.uint32),
+    }
 
 
 class SequenceTooLong(ValueError):
@@ -86,8 +112,16 @@ class RankModel:
         self.backend = backend or CpuBackend()
         self.max_seq_len = max_seq_len
         self.notices: list[str] = []
+        # called as on_routing(layer, weights (T, k) f32, idx (T, k) uint32) for each MoE layer
+        self.on_routing: Callable[[int, np.ndarray, np.ndarray], None] | None = None
         self.embed, self.norm, self.lm_head = dev["embed"], dev["norm"], dev["lm_head"]
         self.layers = [self._layer(i) for i in dev.layers]
+        total = self.cfg.num_hidden_layers
+        if len(dev.layers) < total:
+            self.notices.append(
+                f"{total - len(dev.layers)} of {total} layers are missing (the output holds "
+                f"layers {_ranges(dev.layers)}); outputs are not the model's"
+            )
         self.position = 0
         self.reset()
 
@@ -96,7 +130,8 @@ class RankModel:
         dev, cfg = self.dev, self.cfg
         spec = cfg.layer(index)
         (h0, h1), (g0, g1) = dev.heads(index)
-        w = {KERNEL_ARG[k.key]: dev[k.at(index)] for k in layer_arrays(spec)}
+        fp8 = "expert_dtype" in dev.manifest["options"]
+        w = {KERNEL_ARG[k.key]: dev[k.at(index)] for k in layer_arrays(spec, fp8)}
         static = {
             "heads": h1 - h0,
             "kv_heads": g1 - g0,
@@ -110,6 +145,7 @@ class RankModel:
         if spec.mlp == MOE:
             w["choice_bias"], top_k = self._choice_bias(w.pop("router_bias"))
             w["expert_ids"] = np.asarray(dev.expert_map[index], dtype=np.uint32)
+            w.update(replicas(dev.manifest["layout"]["expert_map"][str(index)], dev.rank))
             layer.mlp_static = {
                 "top_k": top_k,
                 "norm_topk": cfg.norm_topk_prob,
@@ -154,16 +190,25 @@ class RankModel:
                 }
 
     # ---------------------------------------------------------------------------- forward
-    def prefill(self, ids: list[int] | np.ndarray) -> np.ndarray:
-        """Start a sequence with ``ids``; float32 logits (T, V) of every position."""
+    def prefill(
+        self,
+        ids: list[int] | np.ndarray,
+        on_layer: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Start a sequence with ``ids``; float32 logits (T, V) of every position.
+
+        ``on_layer(done, total)`` is called after each decoder layer (progress reporting).
+        """
         self.reset()
-        return self._forward(np.asarray(ids))
+        return self._forward(np.asarray(ids), on_layer)
 
     def decode(self, token: int) -> np.ndarray:
         """Extend the sequence by one token; float32 logits (V,) of the next one."""
         return self._forward(np.asarray([token]))[0]
 
-    def _forward(self, ids: np.ndarray) -> np.ndarray:
+    def _forward(
+        self, ids: np.ndarray, on_layer: Callable[[int, int], None] | None = None
+    ) -> np.ndarray:
         tokens = ids.shape[0]
         if tokens == 0:
             raise ValueError("no tokens")
@@ -181,7 +226,7 @@ class RankModel:
         positions = np.arange(self.position, self.position + tokens, dtype=np.int32)
         tables: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
         x = run(token_embedding, {"ids": ids.astype(np.int32), "table": self.embed}, {})
-        for layer in self.layers:
+        for done, layer in enumerate(self.layers, 1):
             s, w = layer.spec, layer.weights
             key = (s.rope_theta, s.rotary_dim)
             if key not in tables:
@@ -217,6 +262,10 @@ class RankModel:
             x = x + a
             h = run(rmsnorm, {"x": x, "weight": w["post_attn_norm"]}, {"eps": eps})
             if s.mlp == MOE:
+                if self.on_routing is not None:
+                    self.on_routing(
+                        s.index, *moe_router(h, w["router_w"], w["choice_bias"], **layer.mlp_static)
+                    )
                 m = run(
                     moe_block,
                     {
@@ -226,6 +275,7 @@ class RankModel:
                         "expert_ids": w["expert_ids"],
                         "gate_up": w["gate_up"],
                         "down": w["down"],
+                        **{k: w[k] for k in MOE_OPTIONAL if k in w},
                     },
                     {**layer.mlp_static, "comm": comm},
                 )
@@ -234,6 +284,8 @@ class RankModel:
                     dense_mlp, {"x": h, "gate_up": w["gate_up"], "down": w["down"]}, {"comm": comm}
                 )
             x = x + m
+            if on_layer is not None:
+                on_layer(done, len(self.layers))
         out = run(
             logits,
             {"h": x, "norm_w": self.norm, "lm_head_w": self.lm_head},
@@ -241,3 +293,14 @@ class RankModel:
         )
         self.position += tokens
         return out
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
+    parts: list[list[int]] = []
+    for i in indices:
+        if parts and parts[-1][1] == i - 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)

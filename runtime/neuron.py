@@ -8,8 +8,9 @@ Environment:
 
 - ``MIMO_BACKEND`` (``auto`` | ``cpu`` | ``neuron``): used when the requested backend is ``auto``;
 - ``MIMO_NEURON_BUILD_DIR``: the persistent compile cache (default ``~/.cache/mimo-shard/neuron``);
-- ``NEURON_RT_VISIBLE_CORES``: set to the local rank (``LOCAL_RANK``, else the rank) when unset
-  and the run has several ranks, as nkipy's examples do (one process, one NeuronCore).
+- ``NEURON_RT_VISIBLE_CORES``: when unset and the run has several ranks, the logical core
+  :func:`mimo.hbm.core_for_rank` gives the local rank (ranks spread over the chips first);
+  ``NEURON_LOGICAL_NC_CONFIG`` defaults to ``--lnc``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from mimo.hbm import core_for_rank
 from runtime.backends import Backend, CpuBackend
 from runtime.kernels.attention_full import attention_full
 from runtime.kernels.attention_swa import attention_swa
+from runtime.kernels.decoder import LAYER, final_logits, next_token
 from runtime.kernels.dense_mlp import dense_mlp
 from runtime.kernels.logits import logits
 from runtime.kernels.moe_block import moe_block
@@ -81,6 +84,13 @@ OUTPUT_RULES: dict[Callable[..., Any], OutputRule] = {
         (a["h"][0][0], a["lm_head_w"][0][1] * _group_size(s["comm"])),
         np.dtype(np.float32),
     ),
+    # the fused device path (runtime.resident): the residual stream and logits are float32
+    **{kernel: lambda a, s: (a["x"][0], np.dtype(np.float32)) for kernel in LAYER.values()},
+    final_logits: lambda a, s: (
+        (a["x"][0][0], a["lm_head_w"][0][1] * _group_size(s["comm"])),
+        np.dtype(np.float32),
+    ),
+    next_token: lambda a, s: ((1,), np.dtype(np.int32)),
 }
 
 
@@ -132,7 +142,9 @@ def _torch_world() -> int | None:
     return dist.get_world_size()
 
 
-def select_backend(name: str, rank: int, world_size: int, build_dir: Path | None = None) -> Backend:
+def select_backend(
+    name: str, rank: int, world_size: int, build_dir: Path | None = None, lnc: int = 2
+) -> Backend:
     """The backend called ``name`` (``auto``, ``cpu`` or ``neuron``) for rank ``rank``.
 
     ``auto`` defers to ``MIMO_BACKEND`` when set, then picks ``neuron`` when
@@ -151,10 +163,10 @@ def select_backend(name: str, rank: int, world_size: int, build_dir: Path | None
         return CpuBackend()
     one_process_per_rank = world_size == 1 or _torch_world() == world_size
     if one_process_per_rank:
-        _pin_core(rank, world_size)
+        _pin_core(rank, world_size, lnc)
     if name == "auto":
         if one_process_per_rank and neuron_available():
-            return NeuronBackend(rank, world_size, build_dir)
+            return NeuronBackend(rank, world_size, build_dir, lnc)
         return CpuBackend()
     problem = _neuron_problem()
     if problem is None and not one_process_per_rank:
@@ -167,13 +179,19 @@ def select_backend(name: str, rank: int, world_size: int, build_dir: Path | None
             f"backend 'neuron'{origin} is unavailable: {problem}; "
             f"{INSTALL_HINT}, or use the cpu backend"
         )
-    return NeuronBackend(rank, world_size, build_dir)
+    return NeuronBackend(rank, world_size, build_dir, lnc)
 
 
-def _pin_core(rank: int, world_size: int) -> None:
-    """One NeuronCore per rank process: NEURON_RT_VISIBLE_CORES defaults to the local rank."""
+def _pin_core(rank: int, world_size: int, lnc: int = 2) -> None:
+    """One logical NeuronCore per rank process, ranks spread over the chips
+    (:func:`mimo.hbm.core_for_rank`): ``NEURON_RT_VISIBLE_CORES`` and
+    ``NEURON_LOGICAL_NC_CONFIG`` default to that placement (a value already set is kept)."""
+    os.environ.setdefault("NEURON_LOGICAL_NC_CONFIG", str(lnc))
     if world_size > 1:
-        os.environ.setdefault("NEURON_RT_VISIBLE_CORES", os.environ.get("LOCAL_RANK", str(rank)))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        core = core_for_rank(local, local_world, lnc)["core"]
+        os.environ.setdefault("NEURON_RT_VISIBLE_CORES", str(core))
 
 
 def default_build_dir() -> Path:
@@ -186,7 +204,8 @@ def default_build_dir() -> Path:
 @dataclass
 class _Compiled:
     kernel: Any  # a loaded DeviceKernel
-    output: Any  # the output0 DeviceTensor, reused call after call
+    spec: Spec  # output0's shape and dtype
+    output: Any = None  # the output0 DeviceTensor reused call after call, made on first use
 
 
 class NeuronBackend:
@@ -216,8 +235,11 @@ class NeuronBackend:
 
     name = "neuron"
 
-    def __init__(self, rank: int = 0, world_size: int = 1, build_dir: Path | None = None) -> None:
-        _pin_core(rank, world_size)  # before the runtime initialises
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, build_dir: Path | None = None, lnc: int = 2
+    ) -> None:
+        _pin_core(rank, world_size, lnc)  # before the runtime initialises
+        self.lnc = lnc
         from nkipy.runtime import DeviceKernel, DeviceTensor
 
         self._kernel_cls, self._tensor_cls = DeviceKernel, DeviceTensor
@@ -236,21 +258,72 @@ class NeuronBackend:
         state: tuple[str, ...] = (),
     ) -> np.ndarray:
         """Run ``kernel`` on the device; the same contract as ``CpuBackend.call``."""
+        return self.run(kernel, arrays, static, state).numpy()
+
+    def run(
+        self,
+        kernel: Callable[..., Any],
+        arrays: dict[str, Any],
+        static: dict[str, Any],
+        state: tuple[str, ...] = (),
+        out: Any = None,
+    ) -> Any:
+        """Run ``kernel`` and return its ``output0`` DeviceTensor, not read back.
+
+        ``arrays`` may hold DeviceTensors (another kernel's output, a step input from
+        :meth:`upload`, a cache from :meth:`tensor`): they are bound as they are, with no copy.
+        ``out`` is the DeviceTensor to write ``output0`` to (shape and dtype of
+        :data:`OUTPUT_RULES`); by default the compiled kernel's own, reused call after call.
+        """
         arrays = {
-            k: a.astype(DOWNCAST[a.dtype]) if a.dtype in DOWNCAST else a for k, a in arrays.items()
+            k: a.astype(DOWNCAST[a.dtype])
+            if isinstance(a, np.ndarray) and a.dtype in DOWNCAST
+            else a
+            for k, a in arrays.items()
         }
         key = _compile_key(kernel, arrays, static, state)
         compiled = self._compiled.get(key) or self._compile(key, kernel, arrays, static)
-        inputs, outputs = {}, {"output0": compiled.output}
+        if out is None:
+            if compiled.output is None:
+                compiled.output = self._tensor_cls.from_numpy(
+                    np.empty(*compiled.spec), name="output0"
+                )
+            out = compiled.output
+        inputs, outputs = {}, {"output0": out}
         for name, a in arrays.items():
-            if name in state:
-                inputs[f"{name}.must_alias_input"] = outputs[name] = self._persistent(name, a)
-            elif not a.flags.writeable:  # a weight
-                inputs[name] = self._persistent(name, a)
+            if not isinstance(a, np.ndarray):  # already on the device
+                tensor = a
+            elif name in state or not a.flags.writeable:  # state, or a weight
+                tensor = self._persistent(name, a)
             else:
-                inputs[name] = self._upload(name, a)
+                tensor = self._upload(name, a)
+            if name in state:
+                inputs[f"{name}.must_alias_input"] = outputs[name] = tensor
+            else:
+                inputs[name] = tensor
         compiled.kernel(inputs=inputs, outputs=outputs)
-        return compiled.output.numpy()
+        return out
+
+    def tensor(self, a: np.ndarray, name: str) -> Any:
+        """A new DeviceTensor holding a copy of ``a`` (a cache, an output buffer)."""
+        return self._tensor_cls.from_numpy(np.ascontiguousarray(a), name=name)
+
+    def weight(self, name: str, a: np.ndarray) -> Any:
+        """The DeviceTensor of ``a``, uploaded on first use of the object (weights)."""
+        return self._persistent(name, a)
+
+    def upload(self, name: str, a: np.ndarray) -> Any:
+        """A per-step input written into the reused device buffer of (name, shape, dtype)."""
+        return self._upload(name, a)
+
+    def read(self, tensor: Any) -> np.ndarray:
+        """A DeviceTensor's contents on the host."""
+        return tensor.numpy()
+
+    @property
+    def compiled(self) -> int:
+        """How many distinct kernels this backend has compiled."""
+        return len(self._compiled)
 
     def _compile(
         self,
@@ -272,7 +345,7 @@ class NeuronBackend:
                 f"{kernel.__name__}: add one to runtime.neuron.OUTPUT_RULES"
             )
         shape, dtype = rule({k: (a.shape, a.dtype) for k, a in arrays.items()}, static)
-        placeholders = {k: np.empty(a.shape, a.dtype) for k, a in arrays.items()}
+        placeholders = {k: np.empty(a.shape, np.dtype(a.dtype)) for k, a in arrays.items()}
         collectives = (
             {"cc_enabled": True, "rank_id": self.rank, "world_size": self.world_size}
             if self.world_size > 1
@@ -282,13 +355,13 @@ class NeuronBackend:
             loaded = self._kernel_cls.compile_and_load(
                 kernel,
                 name=kernel.__name__,
+                additional_compiler_args=f"--lnc {self.lnc}",  # must match the runtime's LNC
                 build_dir=str(self.build_dir),
                 **collectives,
                 **placeholders,
                 **static,
             )
-        output = self._tensor_cls.from_numpy(np.empty(shape, dtype), name="output0")
-        compiled = self._compiled[key] = _Compiled(loaded, output)
+        compiled = self._compiled[key] = _Compiled(loaded, (shape, dtype))
         return compiled
 
     @contextmanager

@@ -19,7 +19,7 @@ import numpy as np
 from loader import open_device
 from loader.manifest import read_manifest
 from runtime.backends import Backend
-from runtime.comm import ThreadGroup
+from runtime.comm import ThreadGroup, agree
 from runtime.model import RankModel
 
 
@@ -71,14 +71,16 @@ class InProcessRanks:
                 return
             name, args = item
             try:
-                self._outbox[rank].put((True, getattr(model, name)(*args)))
+                fn = (lambda *a: agree(comm, *a)) if name == "agree" else getattr(model, name)
+                self._outbox[rank].put((True, fn(*args)))
             except BaseException as e:  # noqa: BLE001 - reported to the caller
                 comm.abort()
                 self._outbox[rank].put((False, e))
 
-    def _all(self, name: str, *args: Any) -> Any:
-        for q in self._inbox:
-            q.put((name, args))
+    def _all(self, name: str, *args: Any, rank0_args: tuple = ()) -> Any:
+        """Run ``name(*args)`` on every rank (rank 0 gets ``rank0_args`` too); rank 0's result."""
+        for r, q in enumerate(self._inbox):
+            q.put((name, args + rank0_args if r == 0 else args))
         results = [q.get() for q in self._outbox]
         errors = [v for ok, v in results if not ok]
         if errors:
@@ -101,8 +103,13 @@ class InProcessRanks:
     def position(self) -> int:
         return self.model.position
 
-    def prefill(self, ids) -> np.ndarray:
-        return self._all("prefill", np.asarray(ids))
+    def prefill(self, ids, on_layer: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Every rank prefills ``ids``; ``on_layer`` (progress) is called from rank 0's thread."""
+        return self._all("prefill", np.asarray(ids), rank0_args=(on_layer,) if on_layer else ())
+
+    def agree(self, fields: dict[str, Any]) -> None:
+        """:func:`runtime.comm.agree` over the ranks' ThreadGroup (RanksDisagree if not)."""
+        self._all("agree", fields)
 
     def decode(self, token: int) -> np.ndarray:
         return self._all("decode", int(token))

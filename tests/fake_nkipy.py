@@ -19,7 +19,8 @@
   result into ``output0``.
 - ``DeviceTensor.from_numpy(arr, name=None, core_id=0)`` copies ``arr`` into "device" memory
   (recording the object it was given), ``.numpy()`` reads a copy back, ``.write_from_numpy(arr)``
-  overwrites the bytes in place and refuses another size.
+  overwrites the bytes in place and refuses another size. Every host<->device copy and kernel
+  run is also appended to ``Log.events`` in order, so tests can count copies per step.
 - ``spike._spike.Spike.get_visible_neuron_core_count()`` returns ``cores``.
 """
 
@@ -40,7 +41,10 @@ class Log:
     compiles: list[dict[str, Any]] = field(default_factory=list)
     uploads: list[tuple[str, np.ndarray, Any]] = field(default_factory=list)  # name, source, tensor
     writes: int = 0
+    reads: int = 0
+    events: list[tuple[str, str]] = field(default_factory=list)  # (upload|write|read|run, name)
     runs: list[dict[str, Any]] = field(default_factory=list)
+    compiler_args: list[str | None] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -93,9 +97,13 @@ def make_modules(log: Log, cores: int) -> dict[str, types.ModuleType]:
             tensor = cls(np.array(np.ascontiguousarray(array), copy=True), name)
             with log.lock:
                 log.uploads.append((name, array, tensor))
+                log.events.append(("upload", name))
             return tensor
 
         def numpy(self) -> np.ndarray:
+            with log.lock:
+                log.reads += 1
+                log.events.append(("read", self.name))
             return self.data.copy()
 
         def write_from_numpy(self, array: np.ndarray) -> None:
@@ -107,6 +115,7 @@ def make_modules(log: Log, cores: int) -> dict[str, types.ModuleType]:
             self.data.reshape(-1).view(np.uint8)[:] = array.reshape(-1).view(np.uint8)
             with log.lock:
                 log.writes += 1
+                log.events.append(("write", self.name))
 
     class DeviceKernel:
         def __init__(self, fn, name, params, mutated, static, out_spec) -> None:
@@ -144,6 +153,7 @@ def make_modules(log: Log, cores: int) -> dict[str, types.ModuleType]:
                 raise ValueError("rank_id and world_size are required when cc_enabled=True")
             mutated, out_spec = _trace(kernel, arrays, static)
             name = name or kernel.__name__
+            log.compiler_args.append(additional_compiler_args)
             with log.lock:
                 log.compiles.append(
                     {
@@ -195,6 +205,7 @@ def make_modules(log: Log, cores: int) -> dict[str, types.ModuleType]:
                 log.runs.append(
                     {"name": self.name, "inputs": dict(inputs), "outputs": dict(outputs)}
                 )
+                log.events.append(("run", self.name))
 
     class Spike:
         @staticmethod

@@ -14,7 +14,8 @@ Faults a test can inject: a connection dropped once after N bytes of a file, an 
 connection for a file closed without an answer, possibly from that drop on), content or size
 that disagrees with the metadata, a whole repository gated, private or failing with HTTP 500,
 and a bandwidth limit.
-Every request is logged (:class:`Hit`) so tests can count downloads per file.
+Every request is logged (:class:`Hit`) so tests can count downloads per file;
+:meth:`HubServer.byte_ranges` is the access log of the file bytes each GET sent.
 
 :func:`use_hub` points huggingface_hub at a server, in this process (its import-time settings)
 and for subprocesses (environment), with a private ``HF_HOME``, no token and no telemetry.
@@ -138,6 +139,14 @@ class HubServer:
         with self.lock:
             hits = [h for h in self.hits if h.kind == "cdn" and h.method == "GET"]
         return [h for h in hits if file is None or h.file == file]
+
+    def byte_ranges(self, file: str | None = None) -> list[tuple[str, int, int]]:
+        """The access log of file bytes: (file, start, end) each CDN GET sent, in order."""
+        return [(h.file or "", h.start, h.start + h.sent) for h in self.cdn_gets(file) if h.sent]
+
+    def bytes_sent(self, file: str | None = None) -> int:
+        """File bytes the CDN sent (downloads, ranges and header reads), of ``file`` if given."""
+        return sum(end - start for _, start, end in self.byte_ranges(file))
 
     def clear_log(self) -> None:
         with self.lock:

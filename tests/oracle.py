@@ -30,12 +30,18 @@ def expand(scales: torch.Tensor, rows: int, cols: int, block=(128, 128)) -> torc
     return scales.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:rows, :cols]
 
 
+SAME = "same"
+
+
 def dequantised_state(
-    ckpt: Path, rounding: torch.dtype | None = torch.bfloat16
+    ckpt: Path,
+    rounding: torch.dtype | None = torch.bfloat16,
+    expert_rounding: torch.dtype | None | str = SAME,
 ) -> dict[str, torch.Tensor]:
     """Every main-model tensor, dequantised, as float32 holding ``rounding``-rounded values.
 
     ``rounding=None`` keeps float32 products. Router weight and correction bias stay float32.
+    ``expert_rounding`` applies to routed experts instead (an FP8 expert store: None).
     Full-attention k/v use the fused rule:
     head h's rows ``[K_h; V_h]`` are cut into 128-row blocks with scale rows
     ``[k_scale[2h], k_scale[2h+1], v_scale[h]]`` (for head_dim 192, v_head_dim 128).
@@ -57,7 +63,9 @@ def dequantised_state(
             is_kv = name.endswith(("k_proj.weight", "v_proj.weight"))
             if is_kv and layer >= 0 and cfg.layer(layer).attention == FULL:
                 continue  # below, k and v together
-            out[name] = _round(t.float() * expand(s, *t.shape, block), rounding)
+            expert = ".mlp.experts." in name and expert_rounding != SAME
+            r = expert_rounding if expert else rounding
+            out[name] = _round(t.float() * expand(s, *t.shape, block), r)
         elif "mlp.gate." in name:
             out[name] = t.float()
         else:
@@ -92,7 +100,10 @@ def _round(t: torch.Tensor, rounding: torch.dtype | None) -> torch.Tensor:
 
 
 def load_transformers_model(
-    ckpt: Path, experts: list[int] | None = None, rounding: torch.dtype | None = torch.bfloat16
+    ckpt: Path,
+    experts: list[int] | None = None,
+    rounding: torch.dtype | None = torch.bfloat16,
+    expert_rounding: torch.dtype | None | str = SAME,
 ):
     """transformers' MiMoV2FlashForCausalLM (eager attention, float32) with the checkpoint weights.
 
@@ -103,7 +114,7 @@ def load_transformers_model(
     from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
     cfg = MiMoConfig.from_file(ckpt / "config.json")
-    state = dequantised_state(ckpt, rounding)
+    state = dequantised_state(ckpt, rounding, expert_rounding)
     kept = list(range(cfg.n_routed_experts)) if experts is None else list(experts)
     kw = cfg.to_transformers()
     kw.update(

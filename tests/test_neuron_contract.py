@@ -12,8 +12,10 @@ through it as on the CPU. It says nothing about the real compiler or hardware.
 from __future__ import annotations
 
 import gc
+import json
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fake_nkipy
@@ -24,12 +26,15 @@ from loader import open_device
 from pipeline.convert import convert
 from pipeline.source import LocalSource
 from runtime import neuron
-from runtime.backends import CpuBackend
+from runtime.backends import BF16, CpuBackend
+from runtime.comm import ThreadGroup
 from runtime.kernels.rmsnorm import rmsnorm
+from runtime.kernels.sampling import greedy, sample
 from runtime.kernels.softmax import softmax
 from runtime.model import RankModel
 from runtime.neuron import NeuronBackend, neuron_available, select_backend
 from runtime.ranks import InProcessRanks
+from runtime.resident import ResidentModel
 
 PROMPT = [(7 * i + 3) % 1000 + 1 for i in range(24)]  # crosses the 17-key sliding window
 DECODE = [5, 77, 901]
@@ -297,3 +302,196 @@ def test_state_lives_on_device_and_is_released_with_its_array(monkeypatch, tmp_p
     del total
     gc.collect()
     assert not backend._bound  # the device copy goes with the host array
+
+
+# ------------------------------------------------------------------- the fused device path
+STEP_INPUTS = 2  # per decode step, beyond the per-layer-kind tables: token id and position
+
+
+def resident(out: Path, rank: int, comm, build: Path, max_seq_len: int = 32, **kw):
+    """Rank ``rank``'s model of ``out`` on the fused device path of a NeuronBackend."""
+    model = RankModel(open_device(out, rank), comm, max_seq_len=max_seq_len)
+    return ResidentModel(model, NeuronBackend(rank, model.comm.world_size, build), **kw)
+
+
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def run_ranks(models, fn):
+    """``fn(model)`` on every rank at once (threads), results in rank order."""
+    with ThreadPoolExecutor(len(models)) as pool:
+        return list(pool.map(fn, models))
+
+
+# bf16 activations and caches against the float32 CPU path, tiny preset (measured: prompt
+# logits 3.0e-3 of the logit scale, decode steps 2.2e-3 .. 6.2e-2; over 36 random steps the
+# median was 5e-3 and the worst 0.18, when a near-tie between two experts' router scores flips
+# under bf16 rounding). Prompt logits are bounded at 1e-2, decode steps at 0.1, and the greedy
+# tokens must agree.
+PROMPT_TOL, DECODE_TOL = 1e-2, 0.1
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fused_device_path_matches_cpu(monkeypatch, outputs, tmp_path, world):
+    log = fake_nkipy.install(monkeypatch)
+    if world == 1:
+        cpu = [
+            RankModel(open_device(outputs[1], 0), max_seq_len=32, backend=CpuBackend(exact=True))
+        ]
+        want = forward_steps(cpu[0])
+        comms = [None]
+    else:
+        with InProcessRanks(
+            outputs[2], max_seq_len=32, backend_factory=lambda r: CpuBackend(exact=True)
+        ) as ranks:
+            want = forward_steps(ranks)
+        comms = ThreadGroup.create(2)
+    models = run_ranks(
+        list(range(world)),
+        lambda r: resident(outputs[world], r, comms[r], tmp_path / "b"),
+    )
+    got = run_ranks(models, forward_steps)
+    for rank_steps in got:
+        assert relative(rank_steps[0], want[0]) < PROMPT_TOL
+        for g, w in zip(rank_steps[1:], want[1:], strict=True):
+            assert g.dtype == np.float32 and g.shape == w.shape
+            assert relative(g, w) < DECODE_TOL
+        assert [int(s.argmax(-1).ravel()[-1]) for s in rank_steps] == [
+            int(s.argmax(-1).ravel()[-1]) for s in want
+        ]
+    # KV caches are bf16 device tensors, bound in place
+    full = [r for r in log.runs if r["name"] == "layer_full_moe"]
+    assert full and all(
+        r["inputs"]["cache_k.must_alias_input"] is r["outputs"]["cache_k"]
+        and r["outputs"]["cache_k"].dtype == BF16
+        for r in full
+    )
+    if world == 2:
+        assert {c["world_size"] for c in log.compiles} == {2}
+
+
+def test_no_copies_between_layers(monkeypatch, outputs, tmp_path):
+    """A decode step uploads its few step inputs once, chains every kernel on device tensors,
+    and reads back only the gathered logits, or with pick() only the token id."""
+    log = fake_nkipy.install(monkeypatch)
+    model = resident(outputs[1], 0, None, tmp_path / "b")
+    model.prefill(PROMPT)
+    model.decode(DECODE[0])  # warm: buffers exist
+    layers = len(model.layers)
+    kinds = {(layer.rope, layer.ring) for layer in model.layers}
+    ropes = {layer.rope for layer in model.layers}
+    rings = {layer.ring for layer in model.layers} - {None}
+    per_step = STEP_INPUTS + 2 * len(ropes) + 2 + 3 * len(rings)  # + cos/sin, write/keep, ring
+    for token in DECODE[1:]:
+        start = len(log.events)
+        model.decode(token)
+        events = log.events[start:]
+        runs = [i for i, (kind, _) in enumerate(events) if kind == "run"]
+        assert len(runs) == layers + 2  # embedding, one per layer, logits
+        assert all(kind == "run" for kind, _ in events[runs[0] : runs[-1] + 1])
+        before, after = events[: runs[0]], events[runs[-1] + 1 :]
+        assert [k for k, _ in before] == ["write"] * per_step and len(kinds) >= 1
+        assert after == [("read", "logits")]
+    start = len(log.events)
+    model.feed([DECODE[0]])
+    token = model.pick()  # greedy on the device
+    events = log.events[start:]
+    assert [k for k, _ in events if k == "read"] == ["read"]  # the token id only
+    assert ("upload", "logits") not in events and 0 <= token < model.cfg.vocab_size
+
+
+def test_pick_on_device_equals_host_choice(monkeypatch, outputs, tmp_path):
+    fake_nkipy.install(monkeypatch)
+    model = resident(outputs[1], 0, None, tmp_path / "b")
+    logits = model.prefill(PROMPT)
+    assert model.pick() == int(greedy(logits[-1]))
+    for u in (0.05, 0.5, 0.95):
+        want = sample(logits[-1], np.float32(u), temperature=0.8, top_k=50, top_p=0.9)
+        assert model.pick(0.8, 50, 0.9, u) == int(want)
+
+
+def test_prompt_buckets_bound_the_compiled_kernels(monkeypatch, outputs, tmp_path):
+    """Prompts of 5, 37 and 300 tokens (max_seq_len 512) compile one kernel set per bucket used
+    (16, 64, 512) plus decode; a fourth new length in a used bucket compiles nothing."""
+    log = fake_nkipy.install(monkeypatch)
+    model = resident(outputs[1], 0, None, tmp_path / "b", max_seq_len=512)
+    kinds = len({layer.kernel for layer in model.layers}) + 2  # layers, embedding, logits
+    rng = np.random.default_rng(3)
+    for length in (5, 37, 300):
+        model.prefill(rng.integers(1, 1000, length).tolist())
+        model.decode(7)
+    assert model.backend.compiled == len(log.compiles) == 4 * kinds  # 3 buckets + decode
+    model.prefill(rng.integers(1, 1000, 45).tolist())  # bucket 64 again
+    model.decode(7)
+    assert model.backend.compiled == len(log.compiles) == 4 * kinds
+
+
+def test_greedy_output_does_not_depend_on_the_bucket(monkeypatch, outputs, tmp_path):
+    """The same prompt through buckets of 16..32 (exact fit, padding, chunks) gives the same
+    greedy tokens, and logits within bf16 rounding (measured 2.5e-3 of the logit scale)."""
+    fake_nkipy.install(monkeypatch)
+    prompt = PROMPT[:21]
+
+    def greedy_run(sizes):
+        model = resident(outputs[1], 0, None, tmp_path / "b", sizes=sizes)
+        logits = model.prefill(prompt)
+        tokens = [int(logits[-1].argmax())]
+        for _ in range(5):
+            tokens.append(int(model.decode(tokens[-1]).argmax()))
+        return logits, tokens
+
+    base_logits, base = greedy_run((21,))  # no padding
+    for sizes in [(32,), (16, 32), (8,), (16,)]:  # padded; chunks of 8 or 16
+        logits, tokens = greedy_run(sizes)
+        assert tokens == base, sizes
+        assert relative(logits, base_logits) < 1e-2  # bf16 rounding of other row groupings
+
+
+def test_mimo_run_neuron_generates_resident_and_samples_on_device(monkeypatch, outputs):
+    """``mimo-run --backend neuron`` on one rank: the resident model, device sampling, and the
+    same greedy tokens as the CPU backend."""
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    args = [str(outputs[1]), "--input-ids", "5,6,7,8,9", "--max-new-tokens", "6", "--json"]
+    cpu = CliRunner().invoke(main, args + ["--backend", "cpu"])
+    assert cpu.exit_code == 0, cpu.output
+    log = fake_nkipy.install(monkeypatch)
+    dev = CliRunner().invoke(main, args + ["--backend", "neuron"])
+    assert dev.exit_code == 0, dev.output
+    want, got = (json.loads(r.output.strip().splitlines()[-1]) for r in (cpu, dev))
+    assert got["output_ids"] == want["output_ids"]
+    assert any("next_token" in str(e) for e in log.events)  # chosen on the device
+    assert set(log.compiler_args) == {"--lnc 2"}  # compiled for the runtime's LNC
+
+
+def test_mimo_run_refuses_a_placement_that_does_not_fit(monkeypatch, outputs):
+    from click.testing import CliRunner
+
+    from mimo import hbm
+    from runtime.cli import main
+
+    fake_nkipy.install(monkeypatch)
+    monkeypatch.setattr(hbm, "capacity", lambda lnc: 1 << 20)  # a 1 MiB core
+    r = CliRunner().invoke(
+        main, [str(outputs[1]), "--input-ids", "5,6,7", "--backend", "neuron", "--lnc", "1"]
+    )
+    assert r.exit_code == 2
+    assert "does not fit in HBM" in r.output and "--lnc 2" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_mimo_run_plan_prints_the_hbm_plan(outputs):
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    r = CliRunner().invoke(main, [str(outputs[2]), "--plan", "--max-seq-len", "512", "--json"])
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.output)["hbm"]
+    assert p["fits"] is True and p["capacity_bytes"] == 24 << 30
+    assert p["per_rank_bytes"] > p["breakdown"]["weights (device store)"] > 0
+    text = CliRunner().invoke(main, [str(outputs[2]), "--plan", "--lnc", "1"])
+    assert text.exit_code == 0 and "lnc 1" in text.output and "fits" in text.output

@@ -39,13 +39,15 @@ def attend(q, keys, values, valid, scale, sinks=None):
     """q (T, h, D), keys (K, h_kv, D), values (K, h_kv, Dv), valid (T, K) -> (T, h*Dv).
 
     Query heads read KV head ``h // (h / h_kv)``. With ``sinks`` (h,), each head's sink logit is an
-    extra softmax column that carries no value.
+    extra softmax column that carries no value. Both matmuls run in the keys' / values' dtype
+    (q and the probabilities are cast to it); scores and softmax are float32.
     """
     tokens, heads, _ = q.shape
     group = heads // keys.shape[1]
     k = np.repeat(keys, group, axis=1).transpose(1, 2, 0)  # (h, D, K)
     v = np.repeat(values, group, axis=1).transpose(1, 0, 2)  # (h, K, Dv)
-    scores = np.matmul(q.transpose(1, 0, 2), k) * np.float32(scale)  # (h, T, K)
+    qt = q.transpose(1, 0, 2).astype(keys.dtype)
+    scores = np.matmul(qt, k).astype(np.float32) * np.float32(scale)  # (h, T, K)
     scores = np.where(valid[None, :, :], scores, NEG)
     if sinks is None:
         probs = softmax(scores)
@@ -54,7 +56,7 @@ def attend(q, keys, values, valid, scale, sinks=None):
         m = np.maximum(np.max(scores, axis=-1, keepdims=True), sink)
         e = np.exp(scores - m)
         probs = e / (np.sum(e, axis=-1, keepdims=True) + np.exp(sink - m))
-    out = np.matmul(probs, v)  # (h, T, Dv)
+    out = np.matmul(probs.astype(values.dtype), v).astype(np.float32)  # (h, T, Dv)
     return out.transpose(1, 0, 2).reshape(tokens, -1)
 
 

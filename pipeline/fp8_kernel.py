@@ -1,0 +1,205 @@
+"""One-pass FP8 block dequantisation into kernel layout, compiled with numba.
+
+:func:`dequantise_into` reads FP8 codes in hub layout ``[R, C]`` (weight rows ``R``; a strided
+view such as the converter's padded read buffer is fine) and writes
+``out[c, r] = cast(float32(code[r, c]) * scales[row_scale[r], c // block_cols])`` into a
+``[C, R]`` destination (kernel layout; may be a column band of a larger array). The codes are
+read once: transposed, dequantised and rounded together, block by block. ``cast`` is the same as
+:mod:`pipeline.fp8`: bfloat16 by round-to-nearest-even with ``ml_dtypes``' NaN rule (sign kept,
+quiet payload ``0x7FC0``), or float32; the result is bit-identical to
+:func:`pipeline.fp8.dequantise_transposed` of the transposed codes.
+
+How: rows are walked in tiles of at most ``TILE_ROWS``; each run of rows sharing a scale row gets,
+per column block, one 256-entry table of the rounded outputs (as output bits), and the block is
+written four destination rows at a time, each row receiving one contiguous segment. Non-finite
+outputs are then counted in a vectorised pass over the destination (about a tenth of the
+dequantisation time; counting inside the transposing loop slows that loop down far more). Both
+compiled loops hold no Python objects and release the GIL, so threads converting different
+tensors run in parallel.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+from numpy.lib.stride_tricks import as_strided
+
+from pipeline.fp8 import BF16, FP8
+
+TILE_ROWS = 256  # at most this many weight rows share a table (destination segments <= 512 B)
+_CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # [256]
+_NAN_CODE = (np.arange(256) & 0x7F) == 0x7F  # e4m3fn has no inf; 0x7F and 0xFF are NaN
+_EXPONENT = {2: np.uint16(0x7F80), 4: np.uint32(0x7F800000)}  # all-ones exponent: inf or NaN
+_BITS = (types.uint16, types.uint32)  # output bits: bfloat16, float32
+
+
+@numba.njit(nogil=True, cache=True)
+def _fill_table(table, scale, values, nan_code, product):
+    """``table[k]`` = output bits of ``cast(values[k] * scale)``, bfloat16 when 2 bytes wide."""
+    for k in range(256):
+        # a NaN operand is the result, the code's first (as NumPy's multiply does)
+        product[k] = values[k] if nan_code[k] else values[k] * scale
+    bits = product.view(np.uint32)
+    for k in range(256):
+        b = bits[k]
+        if table.itemsize == 4:
+            table[k] = b
+        elif product[k] != product[k]:  # NaN: sign kept, quiet payload (ml_dtypes)
+            table[k] = ((b >> 16) & 0x8000) | 0x7FC0
+        else:  # round to nearest even
+            table[k] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+@numba.njit(nogil=True, cache=True)
+def _block(codes, ldc, table, out, ldo, rows, cols):
+    """``out[c*ldo + r] = table[codes[r*ldc + c]]`` for ``r < rows``, ``c < cols``.
+
+    Flat unit-stride arrays and unsigned indices: the compiler knows the element size and that no
+    index wraps around, so the loop is a load, a table load and a store per value.
+    """
+    u = np.uint64
+    quads = cols - cols % 4
+    for c in range(0, quads, 4):  # four destination rows per pass over the codes' rows
+        o = c * ldo
+        for r in range(rows):
+            s = r * ldc + c
+            out[u(o + r)] = table[codes[u(s)]]
+            out[u(o + ldo + r)] = table[codes[u(s + 1)]]
+            out[u(o + 2 * ldo + r)] = table[codes[u(s + 2)]]
+            out[u(o + 3 * ldo + r)] = table[codes[u(s + 3)]]
+    for c in range(quads, cols):
+        for r in range(rows):
+            out[u(c * ldo + r)] = table[codes[u(r * ldc + c)]]
+
+
+def _readonly(dtype, ndim: int, layout: str = "A") -> types.Array:
+    """An input array type: read-only arrays (memory-mapped grids) and writable ones both match."""
+    return types.Array(dtype, ndim, layout, readonly=True)
+
+
+_DEQUANTISE_SIGS = [
+    types.void(
+        _readonly(types.uint8, 1, "C"),  # codes, flat
+        types.int64,  # ldc: codes row stride
+        types.int64,  # rows
+        types.int64,  # cols
+        _readonly(types.float32, 2),  # scales
+        _readonly(types.int64, 1),  # row_scale
+        types.int64,  # block_cols
+        _readonly(types.float32, 1),  # code values
+        _readonly(types.boolean, 1),  # NaN codes
+        types.Array(bits, 1, "C"),  # out, flat
+        types.int64,  # ldo: out row stride
+    )
+    for bits in _BITS
+]
+
+
+@numba.njit(_DEQUANTISE_SIGS, nogil=True, cache=True)
+def _dequantise(codes, ldc, rows, cols, scales, row_scale, block_cols, values, nan_code, out, ldo):
+    table = np.empty(256, out.dtype)
+    product = np.empty(256, np.float32)
+    for r0 in range(0, rows, TILE_ROWS):
+        r1 = min(r0 + TILE_ROWS, rows)
+        ra = r0
+        while ra < r1:  # runs of rows sharing a scale row
+            g = row_scale[ra]
+            rb = ra + 1
+            while rb < r1 and row_scale[rb] == g:
+                rb += 1
+            for c0 in range(0, cols, block_cols):
+                c1 = min(c0 + block_cols, cols)
+                _fill_table(table, scales[g, c0 // block_cols], values, nan_code, product)
+                block, dst = codes[ra * ldc + c0 :], out[c0 * ldo + ra :]
+                _block(block, ldc, table, dst, ldo, rb - ra, c1 - c0)
+            ra = rb
+
+
+@numba.njit(
+    [types.int64(_readonly(t, 1, "C"), types.int64, types.int64, types.int64, t) for t in _BITS],
+    nogil=True,
+    cache=True,
+)
+def _count_nonfinite(out, ld, rows, cols, exponent):
+    """How many of the ``rows x cols`` output bits (rows ``ld`` apart) have an all-ones exponent:
+    infinite or NaN."""
+    n = 0
+    for i in range(rows):
+        row = out[i * ld : i * ld + cols]
+        for j in range(cols):
+            n += (row[j] & exponent) == exponent
+    return n
+
+
+def _flat(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """A 2-D array whose rows are unit-stride as a flat 1-D view, and its row stride (elements)."""
+    rows, cols = a.shape
+    ld = a.strides[0] // a.itemsize
+    return as_strided(a, shape=((rows - 1) * ld + cols,), strides=(a.itemsize,)), ld
+
+
+def _unit_rows(a: np.ndarray) -> bool:
+    return a.strides[1] == a.itemsize and a.strides[0] >= 0 and a.strides[0] % a.itemsize == 0
+
+
+def dequantise_into(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    row_scale: np.ndarray,
+    block_cols: int,
+    out: np.ndarray,
+) -> int:
+    """Dequantise ``codes [R, C]`` into ``out [C, R]`` (transposed); return the non-finite count.
+
+    ``codes``: float8_e4m3fn or its uint8 bits, any strides. ``scales [S, ceil(C/block_cols)]``
+    float32 (the scale grid, a multiplier); ``row_scale [R]`` the grid row of each weight row
+    (:func:`mimo.fp8.standard_row_scales`, :func:`mimo.fp8.fused_kv_row_scales`).
+    ``out``: bfloat16 (or its uint16 bits) or float32, any strides, e.g. a column band
+    ``dst[:, j:j+R]``. Ragged edges (``R`` or ``C`` not a multiple of the block) are fine.
+    Returns how many written values are infinite or NaN (NaN codes, non-finite scales, overflow
+    of the product or of the bfloat16 rounding).
+    """
+    codes = codes.view(np.uint8)
+    rows, cols = codes.shape
+    if out.dtype == BF16:
+        out = out.view(np.uint16)
+    elif out.dtype == np.float32:
+        out = out.view(np.uint32)
+    elif out.dtype != np.uint16:
+        raise TypeError(f"output dtype {out.dtype}: bfloat16 (uint16 bits) or float32 expected")
+    if out.shape != (cols, rows):
+        raise ValueError(f"output shape {out.shape}; codes {codes.shape} need {(cols, rows)}")
+    if scales.dtype != np.float32 or scales.ndim != 2:
+        raise TypeError(f"scales must be a 2-D float32 grid, not {scales.dtype} {scales.shape}")
+    if scales.shape[1] < -(-cols // block_cols):
+        raise ValueError(f"scales {scales.shape} cover fewer than {cols} columns")
+    row_scale = np.asarray(row_scale, np.int64)
+    if row_scale.shape != (rows,):
+        raise ValueError(f"row_scale has shape {row_scale.shape}; {rows} rows need ({rows},)")
+    if rows and (row_scale.min() < 0 or row_scale.max() >= scales.shape[0]):
+        raise ValueError(f"row_scale indexes past the {scales.shape[0]} rows of the scale grid")
+    if rows == 0 or cols == 0:
+        return 0
+    if not _unit_rows(codes):
+        codes = np.ascontiguousarray(codes)
+    dst = out if _unit_rows(out) else np.empty(out.shape, out.dtype)
+    flat_codes, ldc = _flat(codes)
+    flat_dst, ldo = _flat(dst)
+    _dequantise(
+        flat_codes,
+        ldc,
+        rows,
+        cols,
+        scales,
+        row_scale,
+        int(block_cols),
+        _CODE_VALUES,
+        _NAN_CODE,
+        flat_dst,
+        ldo,
+    )
+    nonfinite = _count_nonfinite(flat_dst, ldo, cols, rows, _EXPONENT[out.itemsize])
+    if dst is not out:
+        out[...] = dst
+    return int(nonfinite)
