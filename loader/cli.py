@@ -34,6 +34,7 @@ from loader.manifest import (
 )
 from loader.verify import Problem, check_array, chunk_crc32
 from mimo.config import FULL, MOE, MiMoConfig
+from mimo.layout import ARRAYS
 
 
 def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
@@ -283,9 +284,17 @@ def experts(out: Path, stats: Path | None, png: Path | None, as_json: bool) -> N
     help="Only the shared arrays and this device's.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest records as JSON.")
-def list_arrays(out: Path, device_rank: int | None, as_json: bool) -> None:
+@click.option(
+    "--kinds",
+    is_flag=True,
+    help="One line per kind of array of the layout table (mimo/layout.py): count and bytes.",
+)
+def list_arrays(out: Path, device_rank: int | None, as_json: bool, kinds: bool) -> None:
     """List arrays with shape, dtype, bytes, transform and sources."""
     arrays = _select(_load(out), device_rank)
+    if kinds:
+        _list_kinds(arrays, as_json)
+        return
     if as_json:
         keys = ("store", "path", "shape", "dtype", "bytes", "checksum", "transform", "sources")
         click.echo(json.dumps([{k: a[k] for k in keys} for a in arrays], indent=1))
@@ -314,6 +323,43 @@ def list_arrays(out: Path, device_rank: int | None, as_json: bool) -> None:
                 c.rjust(w) if i in right else c.ljust(w)
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             ).rstrip()
+        )
+
+
+def kind_summary(arrays: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Arrays grouped by their layout row (``mimo.layout.ARRAYS``), table order: the row's path
+    template, store, split, array count and bytes; rows the output lacks are left out."""
+    by_path = {}
+    for a in arrays:
+        key = re.sub(r"^layers/\d+/", "layers/{layer}/", a["path"])
+        by_path.setdefault(key, []).append(a)
+    rows = []
+    for k in ARRAYS:
+        found = by_path.get(k.path, [])
+        if found:
+            rows.append(
+                {
+                    "kind": k.path,
+                    "store": k.store,
+                    "split": k.split,
+                    "arrays": len(found),
+                    "bytes": sum(a["bytes"] for a in found),
+                    "dtypes": sorted({a["dtype"] for a in found}),
+                }
+            )
+    return rows
+
+
+def _list_kinds(arrays: list[dict[str, Any]], as_json: bool) -> None:
+    rows = kind_summary(arrays)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    width = max(len(r["kind"]) for r in rows)
+    for r in rows:
+        click.echo(
+            f"{r['kind']:<{width}}  {r['store']:<6}  {r['split']:<12}  {r['arrays']:>6} arrays  "
+            f"{size(r['bytes']):>10}  {'/'.join(r['dtypes'])}"
         )
 
 

@@ -201,3 +201,26 @@ def test_human_show_is_aligned(out2):
     col = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in lines}
     assert len(col) == 1  # every value starts in the same column
     assert np.dtype(ml_dtypes.bfloat16).name == "bfloat16"
+
+
+def test_list_kinds_accounts_for_every_array_by_layout_row(tiny_ckpt, tmp_path):
+    """``list --kinds`` derives from the layout table: every array belongs to one row, and the
+    rows' counts and bytes add up to the manifest's totals."""
+    from mimo.layout import ARRAYS
+    from pipeline.convert import convert
+    from pipeline.source import LocalSource
+
+    out = tmp_path / "out"
+    convert(LocalSource(tiny_ckpt), out, 2, progress=False)
+    r = CliRunner().invoke(main, ["list", str(out), "--kinds", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    assert sum(x["arrays"] for x in rows) == totals["arrays"]
+    assert sum(x["bytes"] for x in rows) == totals["bytes"]
+    order = [k.path for k in ARRAYS]
+    assert [x["kind"] for x in rows] == sorted((x["kind"] for x in rows), key=order.index)
+    experts = next(x for x in rows if x["kind"] == "layers/{layer}/experts/gate_up")
+    assert experts["split"] == "experts" and experts["store"] == "device"
+    text = CliRunner().invoke(main, ["list", str(out), "--kinds"])
+    assert text.exit_code == 0 and "layers/{layer}/attn/qkv" in text.output
