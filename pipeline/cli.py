@@ -30,9 +30,10 @@ def _source(
 
     p = Path(spec)
     if p.exists() or revision is None and not _looks_like_repo(spec):
-        if revision or delete_source_files or max_source_disk:
+        if revision or delete_source_files or max_source_disk or cache_dir:
             raise InputError(
-                f"{spec}: --revision/--delete-source-files/--max-source-disk need a Hub repo id"
+                f"{spec}: --revision/--cache-dir/--delete-source-files/--max-source-disk need a "
+                "Hub repo id (this is a local folder)"
             )
         return LocalSource(p)
     from pipeline.hub import HubSource
@@ -214,6 +215,9 @@ def main(
     --devices (and --expert-map), keeping its other options. `mimo-shard plan-experts STATS
     --devices N -o MAP` writes an --expert-map from routing statistics.
     """
+    if workers is not None and workers < 1:
+        click.echo(f"mimo-shard: error: --workers {workers}: must be >= 1", err=True)
+        sys.exit(2)
     workers = workers or default_workers()
     try:
         if dry_run and expert_map is not None:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mimo import names
-from mimo.config import MiMoConfig
+from mimo.config import ConfigError, MiMoConfig
 from mimo.fp8 import ceil_div, fused_kv_row_scales, has_fused_kv, standard_row_scales
 from mimo.names import scale_name
 from pipeline.fp8 import quantise
@@ -272,7 +272,11 @@ def write_checkpoint(
     "--experts", type=int, default=None, help="Routed experts per MoE layer [default: preset's]."
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Random seed; equal seeds, equal bytes."
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Random seed (>= 0); equal seeds, equal bytes.",
 )
 @click.option("--mtp", is_flag=True, help="Also write the 3 MTP layers (model_mtp.safetensors).")
 @click.option("--force", is_flag=True, help="Delete OUT first if it is not empty.")
@@ -297,9 +301,16 @@ def main(
         shutil.rmtree(out)
     try:
         cfg = preset_config(preset, layers, experts)
-    except ValueError as e:
+        MiMoConfig.from_dict(cfg)  # a config this preset and these counts cannot make
+    except (ValueError, ConfigError) as e:
         raise click.UsageError(str(e)) from None
-    write_checkpoint(out, cfg, seed=seed, mtp=mtp)
+    created = not out.exists()
+    try:
+        write_checkpoint(out, cfg, seed=seed, mtp=mtp)
+    except BaseException:
+        if created or not any(out.iterdir()):  # nothing is left half-written
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     files = sorted(out.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
     click.echo(
