@@ -209,6 +209,32 @@ class RankModel:
     def _forward(
         self, ids: np.ndarray, on_layer: Callable[[int, int], None] | None = None
     ) -> np.ndarray:
+        """Run ``ids`` (T,) at the next positions through every layer; logits (T, V)."""
+        self._check(ids)
+        run, eps, comm = self.backend.call, self.cfg.rms_norm_eps, self.comm
+        positions = np.arange(self.position, self.position + ids.shape[0], dtype=np.int32)
+        tables: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
+        x = run(token_embedding, {"ids": ids.astype(np.int32), "table": self.embed}, {})
+        for done, layer in enumerate(self.layers, 1):
+            s = layer.spec
+            key = (s.rope_theta, s.rotary_dim)
+            if key not in tables:
+                tables[key] = rope_tables(positions, s.rope_theta, s.rotary_dim)
+            h = run(rmsnorm, {"x": x, "weight": layer.weights["input_norm"]}, {"eps": eps})
+            x = x + self._attention(layer, h, positions, *tables[key])
+            h = run(rmsnorm, {"x": x, "weight": layer.weights["post_attn_norm"]}, {"eps": eps})
+            x = x + self._mlp(layer, h)
+            if on_layer is not None:
+                on_layer(done, len(self.layers))
+        out = run(
+            logits,
+            {"h": x, "norm_w": self.norm, "lm_head_w": self.lm_head},
+            {"eps": eps, "comm": comm},
+        )
+        self.position += ids.shape[0]
+        return out
+
+    def _check(self, ids: np.ndarray) -> None:
         tokens = ids.shape[0]
         if tokens == 0:
             raise ValueError("no tokens")
@@ -222,77 +248,48 @@ class RankModel:
                 f"sequence of {self.position + tokens} tokens exceeds "
                 f"max_seq_len {self.max_seq_len}"
             )
-        run, eps, comm = self.backend.call, self.cfg.rms_norm_eps, self.comm
-        positions = np.arange(self.position, self.position + tokens, dtype=np.int32)
-        tables: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
-        x = run(token_embedding, {"ids": ids.astype(np.int32), "table": self.embed}, {})
-        for done, layer in enumerate(self.layers, 1):
-            s, w = layer.spec, layer.weights
-            key = (s.rope_theta, s.rotary_dim)
-            if key not in tables:
-                tables[key] = rope_tables(positions, s.rope_theta, s.rotary_dim)
-            cos, sin = tables[key]
-            h = run(rmsnorm, {"x": x, "weight": w["input_norm"]}, {"eps": eps})
-            args = {
-                **({"sinks": w["sinks"]} if "sinks" in w else {}),
-                "x": h,
-                "qkv_w": w["qkv_w"],
-                "o_w": w["o_w"],
-                "positions": positions,
-                "cos": cos,
-                "sin": sin,
-                **layer.cache,
-            }
-            if s.attention == FULL:
-                a = run(
-                    attention_full,
-                    args,
-                    {**layer.attn_static, "comm": comm},
-                    ("cache_k", "cache_v"),
-                )
-            else:
-                ring = layer.cache["ring_k"].shape[0]
-                args["slots"] = (positions[-min(tokens, ring) :] % ring).astype(np.int32)
-                a = run(
-                    attention_swa,
-                    args,
-                    {**layer.attn_static, "comm": comm},
-                    ("ring_k", "ring_v", "ring_pos"),
-                )
-            x = x + a
-            h = run(rmsnorm, {"x": x, "weight": w["post_attn_norm"]}, {"eps": eps})
-            if s.mlp == MOE:
-                if self.on_routing is not None:
-                    self.on_routing(
-                        s.index, *moe_router(h, w["router_w"], w["choice_bias"], **layer.mlp_static)
-                    )
-                m = run(
-                    moe_block,
-                    {
-                        "x": h,
-                        "router_w": w["router_w"],
-                        "choice_bias": w["choice_bias"],
-                        "expert_ids": w["expert_ids"],
-                        "gate_up": w["gate_up"],
-                        "down": w["down"],
-                        **{k: w[k] for k in MOE_OPTIONAL if k in w},
-                    },
-                    {**layer.mlp_static, "comm": comm},
-                )
-            else:
-                m = run(
-                    dense_mlp, {"x": h, "gate_up": w["gate_up"], "down": w["down"]}, {"comm": comm}
-                )
-            x = x + m
-            if on_layer is not None:
-                on_layer(done, len(self.layers))
-        out = run(
-            logits,
-            {"h": x, "norm_w": self.norm, "lm_head_w": self.lm_head},
-            {"eps": eps, "comm": comm},
-        )
-        self.position += tokens
-        return out
+
+    def _attention(
+        self, layer: Layer, h: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray
+    ) -> np.ndarray:
+        """The layer's attention on ``h`` (T, H), its KV cache updated in place; (T, H)."""
+        w = layer.weights
+        args = {
+            **({"sinks": w["sinks"]} if "sinks" in w else {}),
+            "x": h,
+            "qkv_w": w["qkv_w"],
+            "o_w": w["o_w"],
+            "positions": positions,
+            "cos": cos,
+            "sin": sin,
+            **layer.cache,
+        }
+        static = {**layer.attn_static, "comm": self.comm}
+        if layer.spec.attention == FULL:
+            return self.backend.call(attention_full, args, static, ("cache_k", "cache_v"))
+        ring = layer.cache["ring_k"].shape[0]
+        args["slots"] = (positions[-min(len(positions), ring) :] % ring).astype(np.int32)
+        return self.backend.call(attention_swa, args, static, ("ring_k", "ring_v", "ring_pos"))
+
+    def _mlp(self, layer: Layer, h: np.ndarray) -> np.ndarray:
+        """The layer's dense MLP or MoE on ``h`` (T, H); (T, H) summed over ranks."""
+        w, comm = layer.weights, self.comm
+        if layer.spec.mlp != MOE:
+            args = {"x": h, "gate_up": w["gate_up"], "down": w["down"]}
+            return self.backend.call(dense_mlp, args, {"comm": comm})
+        if self.on_routing is not None:
+            routed = moe_router(h, w["router_w"], w["choice_bias"], **layer.mlp_static)
+            self.on_routing(layer.spec.index, *routed)
+        args = {
+            "x": h,
+            "router_w": w["router_w"],
+            "choice_bias": w["choice_bias"],
+            "expert_ids": w["expert_ids"],
+            "gate_up": w["gate_up"],
+            "down": w["down"],
+            **{k: w[k] for k in MOE_OPTIONAL if k in w},
+        }
+        return self.backend.call(moe_block, args, {**layer.mlp_static, "comm": comm})
 
 
 def _ranges(indices: tuple[int, ...]) -> str:
