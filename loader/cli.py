@@ -7,12 +7,8 @@ unexpected), 1 a finding (mismatched arrays, differences, unexpected tensors), 2
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
 import sys
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,21 +16,20 @@ from typing import Any, NoReturn
 import click
 from tqdm import tqdm
 
+from loader.audit import audit_report, file_sha256, source_check, source_files
+from loader.compare import chunk_checksums, differences
 from loader.display import ranges, size
 from loader.format import SHARED, device_store
 from loader.manifest import (
-    INDEX,
     LoaderError,
     held_devices,
     held_elsewhere,
     read_arrays,
     read_manifest,
-    read_regular,
     store_metadata,
 )
-from loader.verify import Problem, check_array, chunk_crc32
-from mimo.config import FULL, MOE, MiMoConfig
-from mimo.layout import ARRAYS
+from loader.summary import kind_summary, summary
+from loader.verify import Problem, check_array
 
 
 def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
@@ -82,65 +77,6 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------------------- show
-def summary(out: Path, m: dict[str, Any]) -> dict[str, Any]:
-    """The ``show --json`` document."""
-    cfg = MiMoConfig.from_dict(m["model"]["config"])
-    o, src = m["options"], m["source"]
-    layers = o["layers"] if o["layers"] is not None else list(range(cfg.num_hidden_layers))
-    devices = {k: v for k, v in m["stores"].items() if k != SHARED}
-    emap = m["layout"]["expert_map"]
-    per_device = sorted({len(v[0]) for v in emap.values()}) if emap else []
-    full = [i for i in layers if cfg.layer_types[i] == FULL]
-    q_per_device = {cfg.layer(i).q_heads // o["devices"] for i in layers}
-    return {
-        "out": str(out),
-        "format_version": m["format_version"],
-        "tool": m["tool"],
-        "created": m["created"],
-        "model": {
-            "architecture": m["model"]["architecture"],
-            "layers": cfg.num_hidden_layers,
-            "full_attention_layers": [
-                i for i in range(cfg.num_hidden_layers) if cfg.layer_types[i] == FULL
-            ],
-            "experts": cfg.n_routed_experts,
-            "experts_per_token": cfg.num_experts_per_tok,
-            "hidden_size": cfg.hidden_size,
-            "vocab_size": cfg.vocab_size,
-        },
-        "source": {
-            "kind": src["kind"],
-            "location": src.get("repo_id") or src.get("path"),
-            "revision": src.get("revision"),
-            "index_sha256": src["index_sha256"],
-            "files": len(src["files"]),
-            "mtp_layers_skipped": src["mtp_layers"],
-        },
-        "options": o,
-        "subsets": {"layers": o["layers"], "experts": o["experts"]},
-        "layout": {
-            "devices": o["devices"],
-            "query_heads_per_device": sorted(q_per_device),
-            "kv_heads_replicated": any(cfg.layer(i).kv_heads < o["devices"] for i in layers),
-            "experts_per_device_per_layer": per_device,
-            "moe_layers": len(emap),
-            "contiguous_expert_map": all(
-                b == list(range(b[0], b[0] + len(b))) for v in emap.values() for b in v
-            ),
-            "vocab_per_device": m["layout"]["vocab"][0][1] - m["layout"]["vocab"][0][0],
-            "converted_layers": len(layers),
-            "converted_full_attention_layers": len(full),
-            "converted_moe_layers": sum(cfg.mlp_types[i] == MOE for i in layers),
-        },
-        "stores": {
-            "shared": m["stores"][SHARED],
-            "device_bytes_min": min(v["bytes"] for v in devices.values()),
-            "device_bytes_max": max(v["bytes"] for v in devices.values()),
-            "device_arrays_max": max(v["arrays"] for v in devices.values()),
-        },
-        "totals": m["totals"],
-        **({"hosts": m["hosts"]} if "hosts" in m else {}),
-    }
 
 
 @main.command()
@@ -326,28 +262,6 @@ def list_arrays(out: Path, device_rank: int | None, as_json: bool, kinds: bool) 
         )
 
 
-def kind_summary(arrays: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Arrays grouped by their layout row (``mimo.layout.ARRAYS``), table order: the row's path
-    template, store, split, array count and bytes; rows the output lacks are left out."""
-    by_path = {}
-    for a in arrays:
-        key = re.sub(r"^layers/\d+/", "layers/{layer}/", a["path"])
-        by_path.setdefault(key, []).append(a)
-    rows = []
-    for k in ARRAYS:
-        found = by_path.get(k.path, [])
-        if found:
-            rows.append(
-                {
-                    "kind": k.path,
-                    "store": k.store,
-                    "split": k.split,
-                    "arrays": len(found),
-                    "bytes": sum(a["bytes"] for a in found),
-                    "dtypes": sorted({a["dtype"] for a in found}),
-                }
-            )
-    return rows
 
 
 def _list_kinds(arrays: list[dict[str, Any]], as_json: bool) -> None:
@@ -427,85 +341,6 @@ def verify(out: Path, device_rank: int | None, workers: int, quiet: bool) -> Non
 
 
 # --------------------------------------------------------------------------------------- diff
-def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Config fields that differ (manifests of either normalised form compare by meaning)."""
-    ca, cb = MiMoConfig.from_dict(a).to_dict(), MiMoConfig.from_dict(b).to_dict()
-    return sorted(k for k in ca if k != "format" and ca[k] != cb.get(k))
-
-
-def differences(
-    a: dict[str, Any],
-    b: dict[str, Any],
-    chunks: dict[tuple[str, str], tuple[str | None, str | None]] | None = None,
-) -> dict[str, Any]:
-    """The ``diff --json`` document: what differs in content between two manifests.
-
-    ``chunks`` (``diff --verify``): (store, path) -> the CRC32 recomputed from each side's chunk
-    file (None: unreadable) for the common arrays; a pair that differs is a ``chunk`` change.
-    Without it only the manifests are compared; with it the document adds
-    ``"compared": "chunks"``.
-    """
-    opts = {
-        k: {"a": a["options"].get(k), "b": b["options"].get(k)}
-        for k in {**a["options"], **b["options"]}
-        if a["options"].get(k) != b["options"].get(k)
-    }
-    cfg = config_differences(a["model"]["config"], b["model"]["config"])
-    ia = {(x["store"], x["path"]): x for x in a["arrays"]}
-    ib = {(x["store"], x["path"]): x for x in b["arrays"]}
-    changed = []
-    for key in sorted(ia.keys() & ib.keys()):
-        fields = [f for f in ("shape", "dtype", "checksum") if ia[key][f] != ib[key][f]]
-        va, vb = {f: ia[key][f] for f in fields}, {f: ib[key][f] for f in fields}
-        if chunks is not None and chunks[key][0] != chunks[key][1]:
-            fields.append("chunk")
-            va["chunk"], vb["chunk"] = (c or "unreadable" for c in chunks[key])
-        if fields:
-            changed.append({"store": key[0], "path": key[1], "fields": fields, "a": va, "b": vb})
-    only_a = [{"store": s, "path": p} for s, p in sorted(ia.keys() - ib.keys())]
-    only_b = [{"store": s, "path": p} for s, p in sorted(ib.keys() - ia.keys())]
-    same_source = a["source"]["index_sha256"] == b["source"]["index_sha256"]
-    return {
-        "identical": not (opts or cfg or changed or only_a or only_b),
-        "options": opts,
-        "config": cfg,
-        "only_in_a": only_a,
-        "only_in_b": only_b,
-        "changed": changed,
-        "same_source_index": same_source,
-        "arrays": {"a": len(ia), "b": len(ib), "common": len(ia.keys() & ib.keys())},
-        **({} if chunks is None else {"compared": "chunks"}),
-    }
-
-
-def chunk_checksums(
-    a_out: Path, a: dict[str, Any], b_out: Path, b: dict[str, Any], quiet: bool = True
-) -> dict[tuple[str, str], tuple[str | None, str | None]]:
-    """(store, path) -> CRC32 recomputed from A's and B's chunk files, for the common arrays."""
-    ia = {(x["store"], x["path"]): x for x in a["arrays"]}
-    ib = {(x["store"], x["path"]): x for x in b["arrays"]}
-    common = sorted(ia.keys() & ib.keys())
-    jobs = [(a_out, ia[k]) for k in common] + [(b_out, ib[k]) for k in common]
-    bar = tqdm(
-        total=sum(r["bytes"] for _, r in jobs),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1000,
-        desc="diff",
-        disable=quiet,
-        file=sys.stderr,
-    )
-
-    def one(job: tuple[Path, dict[str, Any]]) -> str | None:
-        crc = chunk_crc32(*job)
-        bar.update(job[1]["bytes"])
-        return crc
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        crcs = list(pool.map(one, jobs))
-    bar.close()
-    n = len(common)
-    return {k: (crcs[i], crcs[n + i]) for i, k in enumerate(common)}
 
 
 @main.command()
@@ -554,119 +389,8 @@ def diff(a: Path, b: Path, as_json: bool, verify_chunks: bool, quiet: bool) -> N
 
 
 # -------------------------------------------------------------------------------------- audit
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 
 
-def audit_report(m: dict[str, Any], weight_map: dict[str, str]) -> dict[str, Any]:
-    """Each tensor of the source index: used by which arrays, skipped, or unexpected."""
-    used: dict[str, list[str]] = {}
-    for a in m["arrays"]:
-        for s in a["sources"]:
-            used.setdefault(s, []).append(f"{a['store']}/{a['path']}")
-    layers, experts = m["options"]["layers"], m["options"]["experts"]
-    tensors, reasons = {}, Counter()
-    for name in sorted(weight_map):
-        if name in used:
-            entry = {"status": "used", "arrays": used[name]}
-        else:
-            why = _skip_reason(name, layers, experts)
-            entry = {"status": "skipped", "reason": why} if why else {"status": "unexpected"}
-            reasons[why or "unexpected"] += 1
-        tensors[name] = entry
-    missing = sorted(set(used) - set(weight_map))
-    return {
-        "tensors": tensors,
-        "counts": {
-            "total": len(weight_map),
-            "used": sum(t["status"] == "used" for t in tensors.values()),
-            "skipped": sum(t["status"] == "skipped" for t in tensors.values()),
-            "unexpected": sum(t["status"] == "unexpected" for t in tensors.values()),
-        },
-        "skipped_reasons": {k: v for k, v in sorted(reasons.items()) if k != "unexpected"},
-        "sources_missing_from_index": missing,
-    }
-
-
-def _skip_reason(name: str, layers: list[int] | None, experts: list[int] | None) -> str | None:
-    if name.startswith("model.mtp."):
-        return "MTP layer (multi-token prediction is not converted)"
-    lm = _LAYER.match(name)
-    if lm and layers is not None and int(lm.group(1)) not in layers:
-        return "layer outside the --layers subset"
-    em = _EXPERT.match(name)
-    if em and experts is not None and int(em.group(1)) not in experts:
-        return "expert outside the --experts subset"
-    return None
-
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def cached_snapshot(repo_id: str, revision: str | None) -> Path:
-    """The local Hugging Face cache snapshot of ``repo_id`` at ``revision`` (offline: no network).
-
-    The cache is ``$HF_HUB_CACHE`` when set (read at call time), else huggingface_hub's default.
-    """
-    from huggingface_hub import snapshot_download
-
-    rev = revision or "main"
-    try:
-        path = snapshot_download(
-            repo_id,
-            revision=rev,
-            local_files_only=True,
-            allow_patterns=["*.json"],
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-        )
-    except (OSError, ValueError) as e:  # LocalEntryNotFoundError, an invalid repo id
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LoaderError(
-            f"{repo_id}: not a folder, and revision {rev} is not in the local Hugging Face cache "
-            f"(audit never downloads; {why})"
-        ) from None
-    return Path(path)
-
-
-def source_files(m: dict[str, Any], source: str, revision: str | None) -> tuple[Path, Path | None]:
-    """(index file, config.json or None) of SOURCE: a folder, an index file, or a cached repo id.
-
-    A repo id's revision defaults to the commit the output was converted from when the output
-    came from that repository, else ``main``.
-    """
-    p = Path(source)
-    if p.is_dir():
-        return p / INDEX, p / "config.json"
-    if p.exists():
-        return p, None
-    if not _REPO_ID.match(source):
-        raise LoaderError(f"{source}: no such folder or file, and not a Hub repo id (org/name)")
-    src = m["source"]
-    if revision is None and src.get("repo_id") == source:
-        revision = src.get("revision")
-    snap = cached_snapshot(source, revision)
-    return snap / INDEX, snap / "config.json"
-
-
-def _sha256(path: Path, what: str) -> tuple[bytes, str]:
-    data = read_regular(path, what)
-    return data, hashlib.sha256(data).hexdigest()
-
-
-def source_check(
-    m: dict[str, Any], index_sha256: str, config_sha256: str | None
-) -> dict[str, dict[str, Any]]:
-    """SOURCE's index (and config) sha256 against those OUT recorded, each with ``match``.
-
-    ``audit --json`` lists the mismatched ones under ``source_mismatch``.
-    """
-    src = m["source"]
-    out = {"index_sha256": {"output": src["index_sha256"], "source": index_sha256}}
-    if config_sha256 is not None:
-        out["config_sha256"] = {"output": src["config_sha256"], "source": config_sha256}
-    for v in out.values():
-        v["match"] = v["output"] == v["source"]
-    return out
 
 
 @main.command()
@@ -687,10 +411,10 @@ def audit(out: Path, source: str, revision: str | None, as_json: bool) -> None:
     m = _load(out)
     try:
         index, config = source_files(m, source, revision)
-        raw, index_sha = _sha256(index, "the checkpoint index")
+        raw, index_sha = file_sha256(index, "the checkpoint index")
         config_sha = None
         if config is not None and config.exists():
-            config_sha = _sha256(config, "the checkpoint config")[1]
+            config_sha = file_sha256(config, "the checkpoint config")[1]
     except LoaderError as e:
         _fail(str(e))
     try:
