@@ -12,7 +12,7 @@ from pipeline.plan import Plan, Unit
 from pipeline.reading import CHUNK_BYTES
 from pipeline.transforms import IN_MEMORY_LIMIT
 
-BASELINE_RSS = 160 << 20  # interpreter, numpy, zarr, tqdm
+BASELINE_RSS = 320 << 20  # interpreter, numpy, zarr, tqdm, numba and its compiled kernels
 
 
 def working_set(unit: Unit, source_shapes: dict[str, tuple[int, ...]]) -> int:

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from runtime import ops
-from runtime.kernels.fp8_dequant import dequant_parts
+from runtime.cpu_fp8 import dequant_expert
 from runtime.kernels.moe_block import moe_block, replica_owner
 from runtime.kernels.moe_router import moe_router
 from runtime.kernels.swiglu import swiglu
@@ -130,8 +130,8 @@ def moe_block_routed(
             continue
         gate = np.sum(np.where(hit[rows], weights[rows], 0.0), axis=1, dtype=np.float32)  # (t,)
         if gate_up_scale is not None:
-            gu = dequant_parts(gate_up[j], gate_up_scale[j], 2)
-            dn = dequant_parts(down[j], down_scale[j], 1)
+            gu = dequant_expert("expert_gate_up", gate_up[j], gate_up_scale[j], 2)
+            dn = dequant_expert("expert_down", down[j], down_scale[j], 1)
         else:
             gu = as_f32("expert_gate_up", gate_up[j]) if gate_up.dtype == BF16 else gate_up[j]
             dn = as_f32("expert_down", down[j]) if down.dtype == BF16 else down[j]
