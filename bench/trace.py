@@ -83,6 +83,8 @@ NOT_TRACED = {
     "rope_tables": "host side: builds the cos/sin inputs",
     "expert_weights": "part of the fused MoE layers",
     "moe_mlp": "part of the fused MoE layers",
+    "dequant_parts": "part of moe_block with FP8 experts (traced as such)",
+    "replica_owner": "part of moe_block with replicated experts (traced as such)",
     "layer_swa_dense": "no MiMo-V2-Flash layer is sliding with a dense MLP (NumPy-tested)",
 }
 FUSED_MODULE = "runtime.kernels.decoder"  # traced by fused_cases, not kernel_cases
@@ -267,6 +269,17 @@ def _layer_cases(
                 _dequant_case(f"{name} {kind}", shape)
                 for name, (shape, _) in (("gate_up", gate_up), ("down", down))
             ]
+            # FP8 experts (codes and block scales) and replicated slots, through moe_block
+            scales = {
+                f"{name}_scale": (_grid(shape, parts), F32)
+                for name, (shape, _), parts in (("gate_up", gate_up, 2), ("down", down, 1))
+            }
+            fp8 = {**moe, "gate_up": (gate_up[0], FP8), "down": (down[0], FP8), **scales}
+            replicas = {**moe, "replica_index": ((local,), U32), "replica_count": ((local,), U32)}
+            cases += [
+                Case(f"moe_block fp8 experts {kind}", moe_block, fp8, {**routing, "comm": comm}),
+                Case(f"moe_block replicas {kind}", moe_block, replicas, {**routing, "comm": comm}),
+            ]
     else:
         mlp = {"x": x, "gate_up": arrays[f"{lp}/mlp/gate_up"], "down": arrays[f"{lp}/mlp/down"]}
         cases.append(Case(f"dense_mlp {kind}", dense_mlp, mlp, {"comm": comm}))
@@ -371,6 +384,12 @@ def fused_cases(config: Path, devices: int, tokens: int, max_seq_len: int) -> li
         Case("fused next_token sample", next_token, pick, {**SAMPLING, "top_k": top_k}),
     ]
     return cases
+
+
+def _grid(shape: tuple[int, ...], parts: int) -> tuple[int, ...]:
+    """Block-scale grid of an expert array of ``parts`` side-by-side weights (gate | up)."""
+    *lead, k, n = shape
+    return (*lead, -(-k // FP8_BLOCK), parts * -(-(n // parts) // FP8_BLOCK))
 
 
 def _dequant_case(label: str, shape: tuple[int, ...]) -> Case:
