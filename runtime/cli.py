@@ -533,8 +533,9 @@ def _report(result: Generation, tok, logits_out, as_json, quiet, notices, mode, 
             )
         )
         return
-    if tok is not None:
-        click.echo(decode(tok, result.input_ids) + click.style(text or "", bold=True))
+    if tok is not None:  # the prompt, then the completion on its own line (bold on a terminal)
+        click.echo(decode(tok, result.input_ids))
+        click.echo(click.style(text or "", bold=True))
     else:
         click.echo(" ".join(map(str, result.output_ids)))
     if quiet:

@@ -276,3 +276,26 @@ def test_progress_and_time_to_first_token_on_a_terminal(outs):
     assert p.returncode == 0, err
     assert all(f"prefill: layer {i}/7" in err for i in range(1, 8))
     assert "time to first token" in err
+
+
+def test_plain_output_separates_prompt_and_completion(tiny_ckpt, tmp_path):
+    """Without --json: the prompt on one line, the completion on the next, no styling when
+    stdout is not a terminal."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pipeline.convert import convert
+    from pipeline.source import LocalSource
+    from runtime.cli import main
+
+    out = tmp_path / "out"
+    convert(LocalSource(tiny_ckpt), out, 1, progress=False)
+    args = [str(out), "--prompt", "The river ran low", "--max-new-tokens", "5", "--quiet"]
+    plain = CliRunner().invoke(main, args)
+    data = CliRunner().invoke(main, args + ["--json"])
+    assert plain.exit_code == 0 and data.exit_code == 0, plain.output + data.output
+    lines = plain.stdout.splitlines()
+    text = json.loads(data.stdout.strip().splitlines()[-1])["text"]
+    assert lines[0] == "The river ran low" and "\n".join(lines[1:]) == text
+    assert "\x1b[" not in plain.stdout
