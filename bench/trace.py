@@ -183,6 +183,40 @@ def kernel_cases(config: Path, devices: int, tokens: int, max_seq_len: int) -> l
     return cases
 
 
+def _attention_inputs(
+    cfg: MiMoConfig,
+    index: int,
+    arrays: dict[str, Spec],
+    layout: dict[str, Any],
+    comm: TraceComm,
+    t: int,
+) -> tuple[dict[str, Spec], dict[str, Any]]:
+    """Rank 0's attention inputs and static values on layer ``index`` for ``t`` tokens."""
+    spec, lp = cfg.layer(index), f"layers/{index}"
+    rank0 = layout["attention"][str(index)][0]
+    (h0, h1), (g0, g1) = rank0["q_heads"], rank0["kv_heads"]
+    rope = ((t, spec.rotary_dim), F32)
+    inputs = {
+        "x": ((t, cfg.hidden_size), F32),
+        "qkv_w": arrays[f"{lp}/attn/qkv"],
+        "o_w": arrays[f"{lp}/attn/o"],
+        "positions": ((t,), I32),
+        "cos": rope,
+        "sin": rope,
+    }
+    if spec.sinks:
+        inputs["sinks"] = arrays[f"{lp}/attn/sinks"]
+    static = {
+        "heads": h1 - h0,
+        "kv_heads": g1 - g0,
+        "head_dim": spec.head_dim,
+        "v_head_dim": spec.v_head_dim,
+        "value_scale": cfg.attention_value_scale,
+        "comm": comm,
+    }
+    return inputs, static
+
+
 def _layer_cases(
     cfg: MiMoConfig,
     index: int,
@@ -193,31 +227,10 @@ def _layer_cases(
     max_seq_len: int,
 ) -> list[Case]:
     spec, lp = cfg.layer(index), f"layers/{index}"
-    rank0 = layout["attention"][str(index)][0]
-    (h0, h1), (g0, g1) = rank0["q_heads"], rank0["kv_heads"]
-    heads, kv = h1 - h0, g1 - g0
-    d, dv = spec.head_dim, spec.v_head_dim
     kind = f"{spec.attention}{'+sinks' if spec.sinks else ''} L{index}"
     x = ((t, cfg.hidden_size), F32)
-    rope = ((t, spec.rotary_dim), F32)
-    attn = {
-        "x": x,
-        "qkv_w": arrays[f"{lp}/attn/qkv"],
-        "o_w": arrays[f"{lp}/attn/o"],
-        "positions": ((t,), I32),
-        "cos": rope,
-        "sin": rope,
-    }
-    if spec.sinks:
-        attn["sinks"] = arrays[f"{lp}/attn/sinks"]
-    static = {
-        "heads": heads,
-        "kv_heads": kv,
-        "head_dim": d,
-        "v_head_dim": dv,
-        "value_scale": cfg.attention_value_scale,
-        "comm": comm,
-    }
+    attn, static = _attention_inputs(cfg, index, arrays, layout, comm, t)
+    kv, d, dv = static["kv_heads"], spec.head_dim, spec.v_head_dim
     if spec.attention == FULL:
         cache = {"cache_k": ((max_seq_len, kv, d), F32), "cache_v": ((max_seq_len, kv, dv), F32)}
         full = Case(f"attention_full {kind}", attention_full, {**attn, **cache}, static)
@@ -239,8 +252,9 @@ def _layer_cases(
                 tuple(cache),
             )
         ]
-    q = ((t, heads, d), F32)
-    cases.append(Case(f"rope_partial {kind}", rope_partial, {"x": q, "cos": rope, "sin": rope}))
+    q = ((t, static["heads"], d), F32)
+    rope = {"cos": attn["cos"], "sin": attn["sin"]}
+    cases.append(Case(f"rope_partial {kind}", rope_partial, {"x": q, **rope}))
     if spec.mlp == MOE:
         gate_up, down = arrays[f"{lp}/experts/gate_up"], arrays[f"{lp}/experts/down"]
         local = gate_up[0][0]
@@ -298,33 +312,11 @@ def fused_cases(config: Path, devices: int, tokens: int, max_seq_len: int) -> li
     ]
     for index in layer_kinds(cfg):
         spec, lp = cfg.layer(index), f"layers/{index}"
-        (h0, h1), (g0, g1) = (
-            layout["attention"][str(index)][0][k] for k in ("q_heads", "kv_heads")
-        )
-        kv, d, dv = g1 - g0, spec.head_dim, spec.v_head_dim
         kernel = LAYER[(spec.attention, spec.mlp)]
-        rope = ((t, spec.rotary_dim), F32)
-        a = {
-            "x": ((t, h), F32),
-            "input_norm": arrays[f"{lp}/input_norm"],
-            "post_attn_norm": arrays[f"{lp}/post_attn_norm"],
-            "qkv_w": arrays[f"{lp}/attn/qkv"],
-            "o_w": arrays[f"{lp}/attn/o"],
-            "positions": ((t,), I32),
-            "cos": rope,
-            "sin": rope,
-        }
-        if spec.sinks:
-            a["sinks"] = arrays[f"{lp}/attn/sinks"]
-        static = {
-            "heads": h1 - h0,
-            "kv_heads": kv,
-            "head_dim": d,
-            "v_head_dim": dv,
-            "value_scale": cfg.attention_value_scale,
-            "eps": eps,
-            "comm": comm,
-        }
+        a, static = _attention_inputs(cfg, index, arrays, layout, comm, t)
+        a |= {k: arrays[f"{lp}/{k}"] for k in ("input_norm", "post_attn_norm")}
+        static["eps"] = eps
+        kv, d, dv = static["kv_heads"], spec.head_dim, spec.v_head_dim
         if spec.mlp == MOE:
             gate_up = arrays[f"{lp}/experts/gate_up"]
             a |= {

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-MAX_JSON_DEPTH = 32
-
 
 class ConfigError(ValueError):
     """A config that cannot describe a MiMo-V2-Flash model; the message names the key."""
 
 
 def load_json_object(data: bytes, limit: int) -> dict[str, Any]:
-    """Parse ``data`` as one JSON object of at most ``limit`` bytes and bounded nesting.
+    """Parse ``data`` as one JSON object of at most ``limit`` bytes and bounded nesting (the
+    decoder's recursion limit, about a thousand levels).
 
     Raises ConfigError (no traceback-worthy exception escapes) for oversized, non-UTF-8,
     malformed, too deeply nested or non-object input.
@@ -24,24 +23,12 @@ def load_json_object(data: bytes, limit: int) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"not UTF-8 text (byte {e.start})") from None
-    depth = deepest = 0
-    in_str = escape = False
-    for ch in text:  # bounded nesting before json recurses
-        if in_str:
-            escape, in_str = (False, True) if escape else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_JSON_DEPTH:
-                raise ConfigError(f"nested deeper than {MAX_JSON_DEPTH} levels: not a config")
-        elif ch in "]}":
-            depth -= 1
     try:
         raw = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise ConfigError(f"not valid JSON ({e})") from None
+    except RecursionError:  # the decoder's own bound on nesting, checked while it parses
+        raise ConfigError("nested deeper than the JSON decoder allows: not a config") from None
     if not isinstance(raw, dict):
         raise ConfigError("top level must be a JSON object")
     return raw

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,9 +148,34 @@ def convert(
     plan, _ = make_plan(source, devices, dtype, layers, experts, expert_dtype, expert_map, hosts)
     checked = open_checked(source, needed_tensors(plan), plan.inventory)
     fp = fingerprint(checked, plan)
+    summary = Summary(out)
+
+    def start(od: OutputDir) -> _Run:
+        small = _small_files(checked)  # before any clean: a Hub source may still fail here
+        return _Run(plan, checked, od, fp, small, workers, progress, allow_nonfinite)
+
+    return run_locked(out, fp, force, summary, t0, start, _changed_files_check(checked))
+
+
+def run_locked(
+    out: Path,
+    fp: str,
+    force: bool,
+    summary: Summary,
+    t0: float,
+    start: Callable[[OutputDir], _Run],
+    resumable: Callable[[dict[str, Any]], str | None] = lambda run: None,
+) -> Summary:
+    """Lock OUT, then decide what it holds, then run: the one place a conversion or a reshard
+    decides between nothing, a finished output (returned as already complete), a resumable run
+    of the same fingerprint, an interrupted ``--force`` (finished by the next ``--force``) and
+    anything else (refused unless ``force``, then cleaned).
+
+    ``start(od)`` prepares the run (reading what it copies into OUT) before anything is removed;
+    ``resumable(run_info)`` names why an interrupted run of the same fingerprint cannot resume.
+    """
     od = OutputDir(out)
     od.check_usable()  # early, before OUT is created; decided again under the lock
-    summary = Summary(out)
     od.lock()
     try:
         od.check_usable()
@@ -170,22 +196,31 @@ def convert(
                 f"{out}: holds an output of another source or other options "
                 f"({_describe(existing)}); use --force to replace it"
             )
-        changed = _changed_files(existing, checked) if existing and not complete else []
-        if changed and not force:
-            raise InputError(
-                f"{out}: holds an output of another source: {changed[0]} changed since the "
-                f"interrupted run began (size, mtime or inode); use --force to start over"
-            )
+        why = resumable(existing) if existing and not complete else None
+        if why and not force:
+            raise InputError(f"{out}: holds an output of another source: {why}")
         if complete and not force:
             summary.already_complete = True
             return summary
-        small = _small_files(checked)
+        run = start(od)
         if force and (existing is not None or replacing is not None):
             od.clean()  # start clean, whatever the old run was
-        run = _Run(plan, checked, od, fp, small, workers, progress, allow_nonfinite)
         return run.execute(summary, t0)
     finally:
         od.unlock()
+
+
+def _changed_files_check(checked: ValidatedSource) -> Callable[[dict[str, Any]], str | None]:
+    def check(run: dict[str, Any]) -> str | None:
+        changed = _changed_files(run, checked)
+        if not changed:
+            return None
+        return (
+            f"{changed[0]} changed since the interrupted run began (size, mtime or inode); "
+            "use --force to start over"
+        )
+
+    return check
 
 
 def source_files(checked: ValidatedSource) -> dict[str, list[int]]:

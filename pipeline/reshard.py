@@ -42,7 +42,7 @@ from loader.format import FORMAT_VERSION, LOGICAL_DTYPES, SHARED, chunk_path, de
 from loader.manifest import LoaderError, read_arrays, read_manifest
 from mimo.config import MiMoConfig
 from mimo.layout import BY_KEY, EXPERTS, HEADS, INTERMEDIATE, VOCAB, WHOLE
-from pipeline.convert import Summary, _describe, _Run
+from pipeline.convert import Summary, _Run, run_locked
 from pipeline.errors import InputError
 from pipeline.journal import OutputDir
 from pipeline.plan import OutputArray, Plan, Unit, build_plan, make_options
@@ -182,44 +182,19 @@ def reshard(
         "options": plan.options.to_dict(),
     }
     fp = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    od = OutputDir(out)
-    od.check_usable()
-    summary = Summary(out)
-    od.lock()
-    try:
-        od.check_usable()
-        try:
-            replacing = od.replacing()
-            existing, complete = od.inspect()
-        except InputError:
-            if not force:
-                raise
-            replacing, existing, complete = {}, {}, False
-        if replacing is not None and not force:
-            raise InputError(f"{out}: an earlier --force was interrupted; rerun with --force")
-        if existing is not None and existing.get("fingerprint") != fp and not force:
-            raise InputError(
-                f"{out}: holds an output of another source or other options "
-                f"({_describe(existing)}); use --force to replace it"
-            )
-        if complete and not force:
-            summary.already_complete = True
-            return summary
+
+    def start(od: OutputDir) -> _ReshardRun:
         small = {"config.json": raw}
         for name in manifest["files"]:
             if name != "config.json":
                 data = checked.source.read_small(name)
                 if data is not None:
                     small[name] = data
-        if force and (existing is not None or replacing is not None):
-            od.clean()
         run = _ReshardRun(plan, checked, od, fp, small, workers, progress)  # type: ignore[arg-type]
         run.old, run.old_manifest, run.old_records = old, manifest, records
-        summary = run.execute(summary, t0)
-        summary.bytes_in = run.bytes_read
-        return summary
-    finally:
-        od.unlock()
+        return run
+
+    return run_locked(out, fp, force, Summary(out), t0, start)
 
 
 class _ReshardRun(_Run):
@@ -229,6 +204,11 @@ class _ReshardRun(_Run):
     old_manifest: dict[str, Any]
     old_records: dict[tuple[str, str], dict[str, Any]]
     bytes_read: int = 0
+
+    def execute(self, summary: Summary, t0: float) -> Summary:
+        summary = super().execute(summary, t0)
+        summary.bytes_in = self.bytes_read  # OLD's chunk bytes, not a checkpoint's
+        return summary
 
     def convert_units(self, pending: list[Unit], records: dict[str, Records], reader) -> None:
         gather = _Gather(self.old, self.old_manifest, self.old_records, self.plan, self.od.path)

@@ -296,24 +296,16 @@ def layer_full_moe(
         attn,
         comm,
     )
+    experts = (router_w, choice_bias, expert_ids, gate_up, down)
+    routing = {"top_k": top_k, "norm_topk": norm_topk, "scaling": scaling}
+    extra = {
+        "gate_up_scale": gate_up_scale,
+        "down_scale": down_scale,
+        "replica_index": replica_index,
+        "replica_count": replica_count,
+    }
     h = rmsnorm(x, post_attn_norm, eps)
-    return x + moe_mlp(
-        h,
-        router_w,
-        choice_bias,
-        expert_ids,
-        gate_up,
-        down,
-        top_k=top_k,
-        norm_topk=norm_topk,
-        scaling=scaling,
-        comm=comm,
-        dtype=qkv_w.dtype,
-        gate_up_scale=gate_up_scale,
-        down_scale=down_scale,
-        replica_index=replica_index,
-        replica_count=replica_count,
-    )
+    return x + moe_mlp(h, *experts, **routing, **extra, comm=comm, dtype=qkv_w.dtype)
 
 
 def layer_swa_dense(
@@ -436,24 +428,16 @@ def layer_swa_moe(
         window,
         comm,
     )
+    experts = (router_w, choice_bias, expert_ids, gate_up, down)
+    routing = {"top_k": top_k, "norm_topk": norm_topk, "scaling": scaling}
+    extra = {
+        "gate_up_scale": gate_up_scale,
+        "down_scale": down_scale,
+        "replica_index": replica_index,
+        "replica_count": replica_count,
+    }
     h = rmsnorm(x, post_attn_norm, eps)
-    return x + moe_mlp(
-        h,
-        router_w,
-        choice_bias,
-        expert_ids,
-        gate_up,
-        down,
-        top_k=top_k,
-        norm_topk=norm_topk,
-        scaling=scaling,
-        comm=comm,
-        dtype=qkv_w.dtype,
-        gate_up_scale=gate_up_scale,
-        down_scale=down_scale,
-        replica_index=replica_index,
-        replica_count=replica_count,
-    )
+    return x + moe_mlp(h, *experts, **routing, **extra, comm=comm, dtype=qkv_w.dtype)
 
 
 # (attention kind, MLP kind) -> the layer kernel; kinds as in mimo.config
