@@ -12,7 +12,6 @@ distinct (kernel, shapes, static) once with nkipy and keeps weights and caches o
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -20,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from runtime import ops
+from runtime.buffers import thread_buffer
 from runtime.cpu_fp8 import dequant_expert
 from runtime.kernels.moe_block import moe_block, replica_owner
 from runtime.kernels.moe_router import moe_router
@@ -72,21 +72,12 @@ class CpuBackend:
         return kernel(**args, **static)
 
 
-_local = threading.local()
-
-
 def as_f32(name: str, a: np.ndarray) -> np.ndarray:
     """``a`` as float32, in this thread's buffer called ``name`` (reused call after call).
 
     The result is only valid until the next call with the same name on the same thread.
     """
-    pool = getattr(_local, "pool", None)
-    if pool is None:
-        pool = _local.pool = {}
-    buf = pool.get(name)
-    if buf is None or buf.size < a.size:
-        buf = pool[name] = np.empty(a.size, np.float32)
-    out = buf[: a.size].reshape(a.shape)
+    out = thread_buffer(name, a.shape)
     np.copyto(out, a, casting="unsafe")
     return out
 

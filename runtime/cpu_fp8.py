@@ -8,17 +8,16 @@ the repeat-and-multiply the device kernel needs. Values are identical: ``float32
 
 from __future__ import annotations
 
-import threading
-
 import ml_dtypes
 import numba
 import numpy as np
+
+from runtime.buffers import thread_buffer
 
 _VALUES = {
     np.dtype(d): np.arange(256, dtype=np.uint8).view(d).astype(np.float32)
     for d in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e4m3)
 }
-_local = threading.local()
 
 
 @numba.njit(nogil=True, cache=True)
@@ -42,13 +41,7 @@ def dequant_expert(
 ) -> np.ndarray:
     """codes (K, parts*N) float8; scales (ceil(K/block), parts*ceil(N/block)) -> (K, parts*N)
     float32 in this thread's buffer ``name`` (valid until the next call with that name)."""
-    pool = getattr(_local, "pool", None)
-    if pool is None:
-        pool = _local.pool = {}
-    buf = pool.get(name)
-    if buf is None or buf.size < codes.size:
-        buf = pool[name] = np.empty(codes.size, np.float32)
-    out = buf[: codes.size].reshape(codes.shape)
+    out = thread_buffer(name, codes.shape)
     values = _VALUES[np.dtype(codes.dtype)]
     grid = np.ascontiguousarray(scales, np.float32)
     _dequant(codes.view(np.uint8), grid, values, block, parts, out)
