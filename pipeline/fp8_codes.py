@@ -67,14 +67,15 @@ def _count_nan(codes, ld, rows, cols):
     return n
 
 
-def _flat(a: np.ndarray) -> tuple[np.ndarray, int]:
+def flat_rows(a: np.ndarray) -> tuple[np.ndarray, int]:
     """A 2-D array with unit-stride rows as a flat 1-D view, and its row stride (elements)."""
     rows, cols = a.shape
     ld = a.strides[0] // a.itemsize
     return as_strided(a, shape=((rows - 1) * ld + cols,), strides=(a.itemsize,)), ld
 
 
-def _unit_rows(a: np.ndarray) -> bool:
+def unit_rows(a: np.ndarray) -> bool:
+    """Whether a 2-D array's rows are unit-stride and do not overlap (:func:`flat_rows` holds)."""
     step = a.strides[0]
     return a.strides[1] == a.itemsize and step >= a.shape[1] * a.itemsize and step % a.itemsize == 0
 
@@ -84,9 +85,9 @@ def count_nan_codes(codes: np.ndarray) -> int:
     codes = codes.view(np.uint8)
     if codes.size == 0:
         return 0
-    if not _unit_rows(codes):
+    if not unit_rows(codes):
         codes = np.ascontiguousarray(codes)
-    flat, ld = _flat(codes)
+    flat, ld = flat_rows(codes)
     return int(_count_nan(flat, ld, *codes.shape))
 
 
@@ -105,11 +106,11 @@ def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"output shape {out.shape}; input {a.shape} needs {(cols, rows)}")
     if rows == 0 or cols == 0:
         return
-    if not _unit_rows(bits):
+    if not unit_rows(bits):
         bits = np.ascontiguousarray(bits)
-    dst = out_bits if _unit_rows(out_bits) else np.empty(out_bits.shape, out_bits.dtype)
-    flat_src, lds = _flat(bits)
-    flat_dst, ldo = _flat(dst)
+    dst = out_bits if unit_rows(out_bits) else np.empty(out_bits.shape, out_bits.dtype)
+    flat_src, lds = flat_rows(bits)
+    flat_dst, ldo = flat_rows(dst)
     _transpose(flat_src, lds, rows, cols, flat_dst, ldo)
     if dst is not out_bits:
         out_bits[...] = dst

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import types
-from numpy.lib.stride_tricks import as_strided
 
 from pipeline.fp8 import BF16, FP8
+from pipeline.fp8_codes import flat_rows, unit_rows
 
 TILE_ROWS = 256  # at most this many weight rows share a table (destination segments <= 512 B)
 _CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # [256]
@@ -132,17 +132,6 @@ def _count_nonfinite(out, ld, rows, cols, exponent):
     return n
 
 
-def _flat(a: np.ndarray) -> tuple[np.ndarray, int]:
-    """A 2-D array whose rows are unit-stride as a flat 1-D view, and its row stride (elements)."""
-    rows, cols = a.shape
-    ld = a.strides[0] // a.itemsize
-    return as_strided(a, shape=((rows - 1) * ld + cols,), strides=(a.itemsize,)), ld
-
-
-def _unit_rows(a: np.ndarray) -> bool:
-    return a.strides[1] == a.itemsize and a.strides[0] >= 0 and a.strides[0] % a.itemsize == 0
-
-
 def dequantise_into(
     codes: np.ndarray,
     scales: np.ndarray,
@@ -181,11 +170,11 @@ def dequantise_into(
         raise ValueError(f"row_scale indexes past the {scales.shape[0]} rows of the scale grid")
     if rows == 0 or cols == 0:
         return 0
-    if not _unit_rows(codes):
+    if not unit_rows(codes):
         codes = np.ascontiguousarray(codes)
-    dst = out if _unit_rows(out) else np.empty(out.shape, out.dtype)
-    flat_codes, ldc = _flat(codes)
-    flat_dst, ldo = _flat(dst)
+    dst = out if unit_rows(out) else np.empty(out.shape, out.dtype)
+    flat_codes, ldc = flat_rows(codes)
+    flat_dst, ldo = flat_rows(dst)
     _dequantise(
         flat_codes,
         ldc,
