@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -32,6 +33,18 @@ def load_json_object(data: bytes, limit: int) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError("top level must be a JSON object")
     return raw
+
+
+def load_json_file(path: Path, limit: int) -> dict[str, Any]:
+    """:func:`load_json_object` of the file ``path``; ConfigError names the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return load_json_object(data, limit)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _no_constant(name: str) -> float:

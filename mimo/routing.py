@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mimo.config import MOE, MiMoConfig
-from mimo.jsonfile import ConfigError, load_json_object
+from mimo.jsonfile import ConfigError, load_json_file
 
 FORMAT = "mimo-shard/routing-stats"
 VERSION = 1
@@ -71,11 +71,9 @@ def add(stats: dict[str, Any], layer: int, weights: np.ndarray, idx: np.ndarray)
 def read(path: Path) -> dict[str, Any]:
     """A statistics file, checked for form: ``tokens`` and ``weight`` of E numbers per layer."""
     try:
-        s = load_json_object(Path(path).read_bytes(), MAX_BYTES)
-    except OSError as e:
-        raise StatsError(f"{path}: cannot read ({e.strerror or e})") from None
+        s = load_json_file(path, MAX_BYTES)
     except ConfigError as e:
-        raise StatsError(f"{path}: {e}") from None
+        raise StatsError(str(e)) from None
     if s.get("format") != FORMAT:
         raise StatsError(f"{path}: not a routing-statistics file (format {FORMAT!r})")
     if s.get("version") != VERSION:

@@ -30,7 +30,7 @@ from typing import Any
 
 from mimo import routing
 from mimo.config import MOE, MiMoConfig
-from mimo.jsonfile import ConfigError, load_json_object
+from mimo.jsonfile import ConfigError, load_json_file
 from mimo.layout import contiguous_expert_map
 from mimo.routing import imbalance
 from pipeline.errors import InputError
@@ -111,11 +111,9 @@ def read_map(
     """The expert map in ``path``, validated against ``cfg``, ``devices`` and the converted
     experts ``present`` (default: all). InputError naming the file and the problem."""
     try:
-        doc = load_json_object(Path(path).read_bytes(), MAX_FILE_BYTES)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+        doc = load_json_file(path, MAX_FILE_BYTES)
     except ConfigError as e:
-        raise InputError(f"{path}: {e}") from None
+        raise InputError(str(e)) from None
     if doc.get("format") != MAP_FORMAT:
         raise InputError(f"{path}: not an expert map (format {MAP_FORMAT!r})")
     return validate_map(doc, cfg, devices, present, str(path))
