@@ -218,7 +218,7 @@ def crc(shape: tuple[int, int], repeats: int, stripe: int = 128) -> None:
         two = best(lambda: list(pool.map(zlib.crc32, [data, data])), repeats)[1]
     print(f"  zlib.crc32, 2 threads vs 1: x{one / two:.2f} (it releases the GIL)")
     for module, attr in (("isal.isal_zlib", "crc32"), ("zlib_ng.zlib_ng", "crc32")):
-        try:  # the same CRC32 as zlib, with carry-less multiplication; not project dependencies
+        try:  # the same CRC32 as zlib, with carry-less multiplication (isal: mimo.checksum's)
             fn = getattr(__import__(module, fromlist=[attr]), attr)
         except ImportError:
             print(f"  {module}.{attr}: not installed")

@@ -17,6 +17,7 @@ bfloat16 and float8 arrays are stored as ``uint16``/``uint8`` with a ``logical_d
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import ml_dtypes
@@ -72,4 +73,4 @@ def chunk_path(out: Path | str, store: str, path: str, shape: tuple[int, ...]) -
 
 
 def nbytes(shape: tuple[int, ...], logical: str) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * LOGICAL_DTYPES[logical].itemsize
+    return math.prod(shape) * LOGICAL_DTYPES[logical].itemsize

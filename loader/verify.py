@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import stat
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loader.format import CORE_DTYPES, chunk_path, chunk_shape, storage_dtype
+from mimo.checksum import crc32, format_crc32
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def crc32_file(path: Path, buf_bytes: int = 8 << 20) -> str:
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-    return f"crc32:{crc:08x}"
+            crc = crc32(view[:n], crc)
+    return format_crc32(crc)
 
 
 def chunk_crc32(out: Path, rec: dict[str, Any]) -> str | None:

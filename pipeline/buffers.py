@@ -10,6 +10,7 @@ whole arrays built in them can be written with direct I/O.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 
@@ -30,7 +31,7 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if pool is None:
         pool = _local.pool = OrderedDict()
     dtype = np.dtype(dtype)
-    n = max(int(np.prod(shape)), 1)
+    n = max(math.prod(shape), 1)
     key = (name, dtype)
     buf = pool.get(key)
     if buf is None or buf.size < n:
@@ -45,4 +46,4 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
             total -= dropped.nbytes
     else:
         pool.move_to_end(key)
-    return buf[: int(np.prod(shape))].reshape(shape)
+    return buf[: math.prod(shape)].reshape(shape)

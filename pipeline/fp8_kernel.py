@@ -26,11 +26,11 @@ from numba import types
 
 from pipeline.fp8 import BF16, FP8
 from pipeline.fp8_codes import flat_rows, unit_rows
+from pipeline.nonfinite import EXPONENT, count_flat
 
 TILE_ROWS = 256  # at most this many weight rows share a table (destination segments <= 512 B)
 _CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # [256]
 _NAN_CODE = (np.arange(256) & 0x7F) == 0x7F  # e4m3fn has no inf; 0x7F and 0xFF are NaN
-_EXPONENT = {2: np.uint16(0x7F80), 4: np.uint32(0x7F800000)}  # all-ones exponent: inf or NaN
 _BITS = (types.uint16, types.uint32)  # output bits: bfloat16, float32
 
 
@@ -116,22 +116,6 @@ def _dequantise(codes, ldc, rows, cols, scales, row_scale, block_cols, values, n
             ra = rb
 
 
-@numba.njit(
-    [types.int64(_readonly(t, 1, "C"), types.int64, types.int64, types.int64, t) for t in _BITS],
-    nogil=True,
-    cache=True,
-)
-def _count_nonfinite(out, ld, rows, cols, exponent):
-    """How many of the ``rows x cols`` output bits (rows ``ld`` apart) have an all-ones exponent:
-    infinite or NaN."""
-    n = 0
-    for i in range(rows):
-        row = out[i * ld : i * ld + cols]
-        for j in range(cols):
-            n += (row[j] & exponent) == exponent
-    return n
-
-
 def dequantise_into(
     codes: np.ndarray,
     scales: np.ndarray,
@@ -188,7 +172,7 @@ def dequantise_into(
         flat_dst,
         ldo,
     )
-    nonfinite = _count_nonfinite(flat_dst, ldo, cols, rows, _EXPONENT[out.itemsize])
+    nonfinite = count_flat(flat_dst, ldo, cols, rows, EXPONENT[out.itemsize])
     if dst is not out:
         out[...] = dst
     return int(nonfinite)

@@ -14,6 +14,7 @@ tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pipeline.fp8_kernel import dequantise_into
 from pipeline.inventory import F8, ITEMSIZE
 from pipeline.nonfinite import count_nonfinite
 from pipeline.plan import OutputArray
+from pipeline.safetensors_io import NUMPY_DTYPE
 from pipeline.source import Reader
 from pipeline.store import ArrayWriter, create_array_metadata
 
@@ -80,7 +82,7 @@ class UnitContext:
 
     def rows_per_chunk(self, name: str, dtype: str) -> int:
         shape = self.reader.shape(name)
-        row = int(np.prod(shape[1:])) * LOGICAL_DTYPES[dtype].itemsize if len(shape) > 1 else 1
+        row = math.prod(shape[1:]) * LOGICAL_DTYPES[dtype].itemsize if len(shape) > 1 else 1
         return max(128, CHUNK_BYTES // max(row, 1) // 128 * 128)
 
     def weight(
@@ -98,6 +100,11 @@ class UnitContext:
         if self.reader.checked.entry(name).dtype == F8:
             raise ValueError(f"{name}: FP8 tensors are read with transposed_rows")
         r1 = self.reader.shape(name)[0] if r1 is None else r1
+        stored = NUMPY_DTYPE[self.reader.checked.entry(name).dtype]
+        same = out is not None and out.dtype == stored and out.flags.c_contiguous
+        if same and out.shape == (r1 - r0, *self.reader.shape(name)[1:]):
+            self.reader.raw(name, r0, r1, out)  # no cast: straight into ``out``
+            return out
         codes = self._raw(name, r0, r1)
         if out is None:
             return codes.astype(LOGICAL_DTYPES[dtype])
@@ -219,5 +226,5 @@ class UnitContext:
 
     def _raw(self, name: str, r0: int, r1: int) -> np.ndarray:
         entry = self.reader.checked.entry(name)
-        nraw = (r1 - r0) * int(np.prod(entry.shape[1:])) * ITEMSIZE[entry.dtype]
+        nraw = (r1 - r0) * math.prod(entry.shape[1:]) * ITEMSIZE[entry.dtype]
         return self.reader.raw(name, r0, r1, scratch("raw", (nraw,), np.dtype(np.uint8)))

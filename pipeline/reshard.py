@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -304,7 +305,7 @@ class _Gather:
         fd, rec = self._fd(store, path)
         shape = tuple(rec["shape"])
         dt = LOGICAL_DTYPES[rec["dtype"]]
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+        row = math.prod(shape[1:]) * dt.itemsize
         n = (r1 - r0) * row
         buf = bytearray(n)
         view, got = memoryview(buf), 0

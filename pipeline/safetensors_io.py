@@ -2,7 +2,7 @@
 
 The ``safetensors`` library cannot hand F8 tensors to NumPy and writes a file from tensors held
 in memory, so this module parses headers itself (validating every field against the file size)
-and reads byte ranges with ``os.pread`` into NumPy buffers viewed with ``ml_dtypes``. Files it
+and reads byte ranges with ``preadv`` into NumPy buffers viewed with ``ml_dtypes``. Files it
 writes are ordinary safetensors files: the library opens them.
 
 Format: 8-byte little-endian header length N, N bytes of JSON (``{name: {dtype, shape,
@@ -11,6 +11,8 @@ data_offsets: [begin, end]}, "__metadata__": {...}}``, offsets relative to the d
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
@@ -24,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.fp8_codes import unit_rows
 
 NUMPY_DTYPE = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -281,42 +284,59 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-IOV_MAX = 1024
+IOV_MAX = 1024  # segments per preadv call (the kernel's limit)
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_preadv = _LIBC.preadv  # called through ctypes, which releases the GIL for the call
+_preadv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong)
+_preadv.restype = ctypes.c_ssize_t
 
 
 def read_into(fd: int, offset: int, out: np.ndarray, where: str) -> np.ndarray:
-    """Fill ``out`` with the bytes at ``offset`` of ``fd``.
+    """Fill ``out`` with the bytes at ``offset`` of ``fd``; ``where`` names the tensor in errors.
 
     ``out`` is C-contiguous, or a 2-D array whose rows are contiguous but spaced further apart
-    (a row-padded buffer); then each row is its own ``preadv`` segment.
+    (a row-padded buffer), each row then its own ``preadv`` segment. The segments are an array of
+    ``(address, length)`` pairs handed to the C library's ``preadv`` whole, so a read costs no
+    Python object per row (a memoryview per row cost more than the copy itself). A short read
+    resumes at the byte it stopped at; end of file first is an InputError.
     """
+    if out.size == 0:
+        return out
+    if not out.flags.writeable:
+        raise ValueError(f"{where}: read buffer is read-only")
+    iov = _segments(out, where)
+    ends = np.cumsum(iov[:, 1])
+    total, done = int(ends[-1]), 0
+    while done < total:
+        k = int(np.searchsorted(ends, done, side="right"))  # the first segment not yet full
+        batch = iov[k : k + IOV_MAX].copy()
+        skip = done - (int(ends[k - 1]) if k else 0)
+        batch[0, 0] += skip
+        batch[0, 1] -= skip
+        n = _preadv(fd, batch.ctypes.data, len(batch), offset + done)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            raise OSError(err, f"{where}: {os.strerror(err)}")
+        if n == 0:
+            raise InputError(f"{where}: unexpected end of file (truncated while reading)")
+        done += n
+    return out
+
+
+def _segments(out: np.ndarray, where: str) -> np.ndarray:
+    """``[n, 2]`` uint64 ``(address, length)`` of the memory ``out`` covers, in file order."""
     if out.flags.c_contiguous:
-        segments = [memoryview(out.reshape(-1).view(np.uint8))]
-    else:
-        segments = [memoryview(row.view(np.uint8)) for row in out]
-    for i in range(0, len(segments), IOV_MAX):
-        batch = segments[i : i + IOV_MAX]
-        total = sum(len(b) for b in batch)
-        done = 0
-        while done < total:
-            n = os.preadv(fd, _skip(batch, done), offset + done)
-            if n == 0:
-                raise InputError(f"{where}: unexpected end of file (truncated while reading)")
-            done += n
-        offset += total
-    return out
-
-
-def _skip(segments: list[memoryview], n: int) -> list[memoryview]:
-    """``segments`` without their first ``n`` bytes (after a short read)."""
-    out = []
-    for s in segments:
-        if n >= len(s):
-            n -= len(s)
-            continue
-        out.append(s[n:])
-        n = 0
-    return out
+        return np.array([[out.ctypes.data, out.nbytes]], np.uint64)
+    if out.ndim != 2 or not unit_rows(out):
+        raise ValueError(f"{where}: read buffer {out.shape} has no unit-stride rows")
+    rows = out.shape[0]
+    iov = np.empty((rows, 2), np.uint64)
+    iov[:, 0] = out.ctypes.data + out.strides[0] * np.arange(rows, dtype=np.uint64)
+    iov[:, 1] = out.shape[1] * out.itemsize
+    return iov
 
 
 def read_rows(
@@ -331,14 +351,14 @@ def read_rows(
     rows = entry.shape[0] if entry.shape else 1
     stop = rows if stop is None else stop
     tail = entry.shape[1:]
-    row_bytes = int(np.prod(tail, dtype=np.int64)) * dt.itemsize
+    row_bytes = math.prod(tail) * dt.itemsize
     shape = (stop - start, *tail) if entry.shape else ()
     if out is None:
         out = np.empty(shape, dt)
     elif out.ndim == 2 and len(shape) == 2 and out.shape == shape:
         out = out.view(dt)  # a (row-padded) 2-D buffer of the right shape
     else:
-        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        n = math.prod(shape) * dt.itemsize
         out = out.reshape(-1).view(np.uint8)[:n].view(dt).reshape(shape)
     return read_into(fd, entry.begin + start * row_bytes, out, f"tensor '{entry.name}'")
 
@@ -364,7 +384,7 @@ class StreamingWriter:
         self.offsets: dict[str, tuple[int, int]] = {}
         pos = 0
         for name, dtype, shape in entries:
-            n = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPE[dtype].itemsize
+            n = math.prod(shape) * NUMPY_DTYPE[dtype].itemsize
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
             self.offsets[name] = (pos, n)
             pos += n

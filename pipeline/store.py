@@ -30,14 +30,13 @@ import json
 import os
 import uuid
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from loader.format import CORE_DTYPES, chunk_path, chunk_shape, storage_dtype, store_dir
 from loader.verify import crc32_file
+from mimo.checksum import crc32, format_crc32
 from pipeline.buffers import ALIGN
 from pipeline.journal import refuse_link
 from pipeline.nonfinite import count_nonfinite
@@ -144,6 +143,8 @@ def _write_metadata(folder: Path, doc: dict) -> None:
 
 def consolidate(out: Path, store: str) -> None:
     """Consolidate the store's metadata into its root ``zarr.json`` (once, after all arrays)."""
+    import zarr  # here, not at the top: its import is a quarter of the converter's start-up
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "consolidated metadata is not part of the v3 spec"
         zarr.consolidate_metadata(store_dir(out, store))
@@ -174,7 +175,7 @@ class ArrayWriter:
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         if offset == self.next:
-            self.crc = zlib.crc32(data, self.crc)
+            self.crc = crc32(data, self.crc)
             self.next += len(data)
         else:
             self.next = -1  # out of order: checksum by reading back
@@ -238,7 +239,7 @@ class ArrayWriter:
         self._close()
         if self.written != self.nbytes:
             raise RuntimeError(f"{self.spec.path}: wrote {self.written} of {self.nbytes} bytes")
-        checksum = f"crc32:{self.crc:08x}" if self.next == self.nbytes else crc32_file(self.tmp)
+        checksum = format_crc32(self.crc) if self.next == self.nbytes else crc32_file(self.tmp)
         os.replace(self.tmp, self.path)
         record = {"bytes": self.nbytes, "checksum": checksum}
         if self.nonfinite:
