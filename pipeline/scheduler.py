@@ -1,4 +1,8 @@
-"""Runs a conversion's units on worker threads, in plan order, committing them in batches.
+"""Runs a conversion's units on worker threads, committing them in batches.
+
+Units run in plan order while a source is still downloading (its files arrive in that order);
+when every source file is already on disk, the largest units run first, so the end of the run
+is not one worker finishing a large unit while the others idle.
 
 A few units wait queued beyond the running ones so workers stay busy while the main thread
 journals. A unit starts only once its source files are on disk (a downloading source says so
@@ -49,7 +53,9 @@ def run_units(
     def startable(u: Unit) -> bool:
         return all(source.ready(file_of[s]) for s in u.sources)
 
-    queue = list(reversed(pending))
+    queue = list(reversed(pending))  # popped from the end: plan order (a download's order)
+    if all(startable(u) for u in pending):  # every file on disk: largest first, so the last
+        queue.sort(key=lambda u: u.out_bytes)  # units to finish are small ones (stable sort)
     running: dict[Future, Unit] = {}
     error: BaseException | None = None
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="unit") as pool:
