@@ -110,8 +110,9 @@ def raw_floor(src: Path, out_bytes: int, dest: Path, direct: bool = False) -> fl
 
 def run_convert(
     src: Path, out: Path, devices: int, workers: int, expert_dtype: str
-) -> tuple[float, int, int]:
-    """(seconds, peak RSS bytes, output bytes) of a mimo-shard child process."""
+) -> tuple[float, int, int, float]:
+    """(seconds, peak RSS bytes, output bytes, CPU seconds: user + system) of a mimo-shard child
+    process."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.cli", str(src), str(out), "--devices", str(devices)]
     cmd += ["--workers", str(workers), "--expert-dtype", expert_dtype, "--quiet"]
@@ -124,7 +125,7 @@ def run_convert(
         raise SystemExit(f"mimo-shard failed: {line}")
     nbytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     shutil.rmtree(out)
-    return dt, usage.ru_maxrss * 1024, nbytes
+    return dt, usage.ru_maxrss * 1024, nbytes, usage.ru_utime + usage.ru_stime
 
 
 def best(fn, reps: int = 5) -> float:
@@ -264,11 +265,13 @@ def main() -> None:
     conv: dict[tuple[str, int], list[float]] = {r: [] for r in runs}
     floors: dict[tuple[str, bool], list[float]] = {}
     rss: dict[tuple[str, int], int] = {}
+    cpu_s: dict[tuple[str, int], float] = {}  # least CPU time (user + system) of a run
     out_bytes: dict[str, int] = {}
     for rep in range(args.repeats):  # alternate, so drift and noise hit every side alike
         for dtype, workers in runs:
-            dt, peak, nbytes = run_convert(src, out, args.devices, workers, dtype)
+            dt, peak, nbytes, cpu = run_convert(src, out, args.devices, workers, dtype)
             conv[(dtype, workers)].append(dt)
+            cpu_s[(dtype, workers)] = min(cpu_s.get((dtype, workers), cpu), cpu)
             rss[(dtype, workers)] = max(rss.get((dtype, workers), 0), peak)
             out_bytes[dtype] = nbytes
             print(f"  repeat {rep + 1}: {dtype} experts, {workers} workers: {dt:.1f} s", flush=True)
@@ -296,8 +299,10 @@ def main() -> None:
     )
     print(
         f"{'experts':>14} {'output GB':>10} {'convert s':>10} {'floor s':>8} {'ratio':>6} "
-        f"{'direct s':>9} {'ratio':>6} {'/faster':>8} {'peak RSS GB':>12} {'estimate GB':>12}"
+        f"{'direct s':>9} {'ratio':>6} {'/faster':>8} {'peak RSS GB':>12} {'estimate GB':>12} "
+        f"{'CPU s':>6} {'CPU s/cores':>11}"
     )
+    cores = os.cpu_count() or 1
     for dtype in EXPERT_DTYPES:
         c = min(conv[(dtype, args.workers)])
         f, d = min(floors[(dtype, False)]), min(floors[(dtype, True)])
@@ -305,8 +310,13 @@ def main() -> None:
         print(
             f"{dtype:>14} {out_bytes[dtype] / 1e9:>10.2f} {c:>10.1f} {f:>8.1f} {c / f:>6.2f} "
             f"{d:>9.1f} {c / d:>6.2f} {c / min(f, d):>8.2f} "
-            f"{rss[(dtype, args.workers)] / 1e9:>12.2f} {est:>12.2f}"
+            f"{rss[(dtype, args.workers)] / 1e9:>12.2f} {est:>12.2f} "
+            f"{cpu_s[(dtype, args.workers)]:>6.1f} {cpu_s[(dtype, args.workers)] / cores:>11.1f}"
         )
+    print(
+        f"CPU s: the least user + system time of a conversion; over the {cores} cores it is the "
+        "least wall time the work allows"
+    )
     w1, w2 = min(conv[("bfloat16", 1)]), min(conv[("bfloat16", 2)])
     print(
         f"BF16 conversion: 1 worker {w1:.1f} s, 2 workers {w2:.1f} s: speed-up {w1 / w2:.2f}x "

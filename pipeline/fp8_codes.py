@@ -5,9 +5,11 @@ layout ``[R, C]`` into a ``[C, R]`` destination, which may be a column band of a
 :func:`transpose_codes_into` does it for FP8 codes and returns how many are NaN (``0x7F``/
 ``0xFF``: e4m3fn has no infinity). No arithmetic: the copy walks tiles of ``TILE_ROWS`` source
 rows, eight destination rows per pass, so each source cache line is read once per tile and every
-destination row receives a contiguous segment (two to three times NumPy's banded transpose). The
-NaN count is a separate vectorised pass over the source (a small fraction of the copy). Both
-loops release the GIL.
+destination row receives a contiguous segment (two to three times NumPy's banded transpose).
+One-byte codes whose rows start on 8-byte boundaries move as 8x8 blocks in 64-bit words (a few
+shifts and masks transpose a block in registers), about 1.5 times the byte loop. The NaN count is
+a separate vectorised pass over the source (a small fraction of the copy). All loops release the
+GIL.
 """
 
 from __future__ import annotations
@@ -54,6 +56,94 @@ def _transpose(codes, ldc, rows, cols, out, ldo):
         for c in range(octets, cols):
             for r in range(r0, r1):
                 out[u(c * ldo + r)] = codes[u(r * ldc + c)]
+
+
+_WORDS = types.Array(types.uint64, 1, "C")
+
+
+@numba.njit(
+    types.void(
+        types.Array(types.uint64, 1, "C", readonly=True),
+        types.int64,
+        types.int64,
+        types.int64,
+        _WORDS,
+        types.int64,
+    ),
+    nogil=True,
+    cache=True,
+)
+def _transpose_words(src, lds, blocks, cols8, dst, ldd):
+    """Byte transpose by 8x8 blocks held in eight 64-bit words: ``blocks`` blocks of 8 source
+    rows by ``cols8`` words (8 bytes) of each; ``lds``/``ldd``: row strides in words.
+
+    Source row ``i`` of a block is word ``x_i`` (byte ``j`` = column ``j``); three rounds of
+    masked swaps (bytes, byte pairs, quads) turn ``x_j`` into column ``j``, which is 8 bytes of
+    destination row ``j``. Eight loads and eight stores move 64 bytes.
+    """
+    u = np.uint64
+    m1, m2, m3 = u(0x00FF00FF00FF00FF), u(0x0000FFFF0000FFFF), u(0x00000000FFFFFFFF)
+    s8, s16, s32 = u(8), u(16), u(32)
+    tile = TILE_ROWS // 8 * 2  # row blocks per tile (the source lines stay in L2 across words)
+    for b0 in range(0, blocks, tile):
+        b1 = min(b0 + tile, blocks)
+        for c in range(cols8):
+            o = c * 8 * ldd
+            for b in range(b0, b1):
+                s = b * 8 * lds + c
+                x0, x1 = src[u(s)], src[u(s + lds)]
+                x2, x3 = src[u(s + 2 * lds)], src[u(s + 3 * lds)]
+                x4, x5 = src[u(s + 4 * lds)], src[u(s + 5 * lds)]
+                x6, x7 = src[u(s + 6 * lds)], src[u(s + 7 * lds)]
+                t = ((x0 >> s8) ^ x1) & m1
+                x1, x0 = x1 ^ t, x0 ^ (t << s8)
+                t = ((x2 >> s8) ^ x3) & m1
+                x3, x2 = x3 ^ t, x2 ^ (t << s8)
+                t = ((x4 >> s8) ^ x5) & m1
+                x5, x4 = x5 ^ t, x4 ^ (t << s8)
+                t = ((x6 >> s8) ^ x7) & m1
+                x7, x6 = x7 ^ t, x6 ^ (t << s8)
+                t = ((x0 >> s16) ^ x2) & m2
+                x2, x0 = x2 ^ t, x0 ^ (t << s16)
+                t = ((x1 >> s16) ^ x3) & m2
+                x3, x1 = x3 ^ t, x1 ^ (t << s16)
+                t = ((x4 >> s16) ^ x6) & m2
+                x6, x4 = x6 ^ t, x4 ^ (t << s16)
+                t = ((x5 >> s16) ^ x7) & m2
+                x7, x5 = x7 ^ t, x5 ^ (t << s16)
+                t = ((x0 >> s32) ^ x4) & m3
+                x4, x0 = x4 ^ t, x0 ^ (t << s32)
+                t = ((x1 >> s32) ^ x5) & m3
+                x5, x1 = x5 ^ t, x1 ^ (t << s32)
+                t = ((x2 >> s32) ^ x6) & m3
+                x6, x2 = x6 ^ t, x2 ^ (t << s32)
+                t = ((x3 >> s32) ^ x7) & m3
+                x7, x3 = x7 ^ t, x3 ^ (t << s32)
+                d = o + b
+                dst[u(d)], dst[u(d + ldd)] = x0, x1
+                dst[u(d + 2 * ldd)], dst[u(d + 3 * ldd)] = x2, x3
+                dst[u(d + 4 * ldd)], dst[u(d + 5 * ldd)] = x4, x5
+                dst[u(d + 6 * ldd)], dst[u(d + 7 * ldd)] = x6, x7
+
+
+def _words(flat: np.ndarray) -> np.ndarray:
+    """A flat 1-byte array's whole 64-bit words (it starts on an 8-byte boundary)."""
+    return flat[: flat.size - flat.size % 8].view(np.uint64)
+
+
+def _transpose_bytes(src, lds, rows, cols, dst, ldd) -> None:
+    """:func:`_transpose` for 1-byte elements: 8x8 word blocks where both sides' rows start on
+    8-byte boundaries (the converter's buffers do), the byte loop for the edges and the rest."""
+    r8, c8 = rows - rows % 8, cols - cols % 8
+    aligned = lds % 8 == 0 and ldd % 8 == 0 and src.ctypes.data % 8 == 0 == dst.ctypes.data % 8
+    if not (aligned and r8 and c8):
+        _transpose(src, lds, rows, cols, dst, ldd)
+        return
+    _transpose_words(_words(src), lds // 8, r8 // 8, c8 // 8, _words(dst), ldd // 8)
+    if cols > c8:  # the last columns, every row
+        _transpose(src[c8:], lds, rows, cols - c8, dst[c8 * ldd :], ldd)
+    if rows > r8:  # the last rows, the other columns
+        _transpose(src[r8 * lds :], lds, rows - r8, c8, dst[r8:], ldd)
 
 
 @numba.njit(types.int64(_FLAT_IN, types.int64, types.int64, types.int64), nogil=True, cache=True)
@@ -111,7 +201,7 @@ def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
     dst = out_bits if unit_rows(out_bits) else np.empty(out_bits.shape, out_bits.dtype)
     flat_src, lds = flat_rows(bits)
     flat_dst, ldo = flat_rows(dst)
-    _transpose(flat_src, lds, rows, cols, flat_dst, ldo)
+    (_transpose_bytes if size == 1 else _transpose)(flat_src, lds, rows, cols, flat_dst, ldo)
     if dst is not out_bits:
         out_bits[...] = dst
 

@@ -1,0 +1,74 @@
+"""The compiled transposed copies (``pipeline.fp8_codes``) against NumPy's ``.T``: every element
+size, ragged shapes, padded and offset rows (the 8x8-word path and the byte loop both run),
+column bands of wider destinations, read-only sources, and the NaN count of FP8 codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import fp8_codes
+from pipeline.fp8_codes import transpose_bits_into, transpose_codes_into
+
+SHAPES = [(1, 1), (7, 9), (8, 8), (9, 17), (64, 40), (65, 130), (1030, 72), (24, 2049)]
+
+
+def source(rows: int, cols: int, dtype, pad: int, skew: int, rng) -> np.ndarray:
+    """A ``[rows, cols]`` view with rows ``cols + pad`` elements apart, starting ``skew``
+    elements into its buffer (so row starts fall on and off 8-byte boundaries)."""
+    top = np.iinfo(dtype).max
+    buf = rng.integers(0, top, rows * (cols + pad) + skew, dtype=dtype, endpoint=True)
+    return buf[skew:].reshape(rows, cols + pad)[:, :cols]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_transpose_equals_numpy(dtype, shape):
+    rng = np.random.default_rng(sum(shape))
+    rows, cols = shape
+    for pad, skew, band in ((0, 0, 0), (64, 0, 0), (3, 1, 5), (8, 0, 8), (13, 2, 1)):
+        a = source(rows, cols, dtype, pad, skew, rng)
+        wide = np.zeros((cols, rows + band + 3), dtype)
+        out = wide[:, band : band + rows]  # a column band of a wider array
+        transpose_bits_into(a, out)
+        np.testing.assert_array_equal(out, a.T)
+        assert not wide[:, :band].any() and not wide[:, band + rows :].any()  # nothing else
+
+
+def test_read_only_source_and_wrong_shapes():
+    a = np.arange(64 * 24, dtype=np.uint8).reshape(64, 24)
+    a.flags.writeable = False
+    out = np.empty((24, 64), np.uint8)
+    transpose_bits_into(a, out)
+    np.testing.assert_array_equal(out, a.T)
+    with pytest.raises(ValueError, match="output shape"):
+        transpose_bits_into(a, np.empty((64, 24), np.uint8))
+    with pytest.raises(TypeError):
+        transpose_bits_into(a, np.empty((24, 64), np.uint16))
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (1030, 72), (7, 9)])
+def test_code_copy_counts_nan_codes(shape):
+    rng = np.random.default_rng(7)
+    codes = rng.integers(0, 0x7F, shape, dtype=np.uint8)  # no NaN codes yet
+    flat = codes.reshape(-1)
+    where = rng.choice(flat.size, 5, replace=False)
+    flat[where[:3]] = 0x7F
+    flat[where[3:]] = 0xFF
+    out = np.empty(shape[::-1], np.uint8)
+    assert transpose_codes_into(codes, out) == 5
+    np.testing.assert_array_equal(out, codes.T)
+
+
+def test_word_blocks_run_where_rows_are_aligned(monkeypatch):
+    calls = []
+    real = fp8_codes._transpose_words
+    monkeypatch.setattr(fp8_codes, "_transpose_words", lambda *a: calls.append(a) or real(*a))
+    rng = np.random.default_rng(3)
+    for skew, pad, want in ((0, 68, 1), (1, 68, 0), (0, 3, 0)):  # rows 144 or 79 bytes apart
+        a = source(1036, 76, np.uint8, pad, skew, rng)  # ragged edges: 4 rows, 4 columns
+        out = np.empty((76, 1040), np.uint8)[:, :1036]  # rows 1040 bytes apart
+        transpose_bits_into(a, out)
+        np.testing.assert_array_equal(out, a.T)
+        assert len(calls) == want, (skew, pad)
+        calls.clear()
