@@ -225,6 +225,23 @@ def core_rates() -> dict[str, float]:
     }
 
 
+FRESH = """
+import time, numpy as np
+a = np.empty(1 << 30, np.uint8)
+t = time.perf_counter()
+a[::4096] = 1
+print(time.perf_counter() - t)
+"""
+
+
+def fresh_memory() -> float:
+    """Seconds a new process takes to first touch 1 GiB of memory (the page faults alone). On VMs
+    whose host reclaims the guest's free memory this swings from ~0.05 to several seconds, and
+    every conversion pays it for its buffers; the floors use one 64 MiB buffer."""
+    out = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
 def real_model() -> dict[str, dict[str, int]]:
     """Per expert dtype: source bytes, output bytes, and the FP8 code/scale bytes among them."""
     out = {}
@@ -256,6 +273,7 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
+    fresh = [fresh_memory()]
     meta = metadata_cost(args.work)
     src = checkpoint(args.work, args.layers, args.experts)
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
@@ -285,6 +303,7 @@ def main() -> None:
     }
     if args.clean:
         shutil.rmtree(src)
+    fresh.append(fresh_memory())
     rates = core_rates()
 
     print()
@@ -321,6 +340,11 @@ def main() -> None:
     print(
         f"BF16 conversion: 1 worker {w1:.1f} s, 2 workers {w2:.1f} s: speed-up {w1 / w2:.2f}x "
         f"(peak RSS {rss[('bfloat16', 1)] / 1e9:.2f} / {rss[('bfloat16', 2)] / 1e9:.2f} GB)"
+    )
+    print(
+        "first touch of 1 GiB of new memory in a new process: "
+        + " / ".join(f"{t:.2f} s" for t in fresh)
+        + " (before / after the runs; a conversion's buffers pay this, the floors do not)"
     )
     print()
     print("per-array metadata, ms/array: " + ", ".join(f"{k} {v:.2f}" for k, v in meta.items()))
