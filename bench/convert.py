@@ -344,7 +344,8 @@ def main() -> None:
     print(
         "first touch of 1 GiB of new memory in a new process: "
         + " / ".join(f"{t:.2f} s" for t in fresh)
-        + " (before / after the runs; a conversion pays it for its buffers, a floor for one 64 MiB buffer)"
+        + " (before / after the runs; a conversion pays it for its buffers, a floor for one "
+        "64 MiB buffer)"
     )
     print()
     print("per-array metadata, ms/array: " + ", ".join(f"{k} {v:.2f}" for k, v in meta.items()))
