@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from loader.usage import OneLineUsage
 from mimo.config import ConfigError, MiMoConfig
 from pipeline.errors import InputError
 from pipeline.plan import DTYPES, EXPERT_DTYPES, build_plan, make_options
@@ -61,7 +62,7 @@ def _looks_like_repo(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
-class _ShardCommand(click.Command):
+class _ShardCommand(OneLineUsage):
     """``mimo-shard SOURCE OUT ...``, and ``mimo-shard plan-experts ...`` as a subcommand."""
 
     def main(self, args=None, prog_name=None, **kwargs):  # noqa: ANN001, ANN201
@@ -74,6 +75,7 @@ class _ShardCommand(click.Command):
 
 @click.command(
     cls=_ShardCommand,
+    prog="mimo-shard",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.argument("source", required=False)
@@ -343,7 +345,11 @@ def _dry_run(
         click.echo(plan_report(summary))
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(
+    cls=OneLineUsage,
+    prog="mimo-shard plan-experts",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.argument("stats", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--devices", "-n", type=int, required=True, help="Devices (ranks) to place on.")
 @click.option(

@@ -26,6 +26,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from loader.usage import OneLineUsage, fail
 from mimo import names
 from mimo.config import ConfigError, MiMoConfig
 from mimo.fp8 import ceil_div, fused_kv_row_scales, has_fused_kv, standard_row_scales
@@ -34,6 +35,8 @@ from pipeline.fp8 import quantise
 from pipeline.inventory import F8, MTP_LAYERS, HubTensor, hub_inventory
 from pipeline.safetensors_io import NUMPY_DTYPE, StreamingWriter
 from pipeline.tokenizer import write_tokenizer
+
+PROG = "python -m pipeline.synth"
 
 REAL_CONFIG = Path(__file__).resolve().parent.parent / "manifests" / "mimo-v2-flash" / "config.json"
 CHUNK_ELEMS = 8 << 20  # elements drawn per generator call (32 MB of float32)
@@ -254,6 +257,8 @@ def write_checkpoint(
 
 
 @click.command(
+    cls=OneLineUsage,
+    prog=PROG,
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Presets: tiny (7 layers, hidden 320, 16 experts, ~21 MB), small (8 layers, hidden 1024,"
     " 32 experts, ~400 MB), full-width (the real tensor shapes, 6 layers, 8 experts, ~4.5 GB)."
@@ -297,13 +302,13 @@ def main(
     """
     if out.exists() and any(out.iterdir()):
         if not force:
-            raise click.UsageError(f"{out} is not empty (use --force to replace it)")
+            fail(PROG, f"{out} is not empty (use --force to replace it)")
         shutil.rmtree(out)
     try:
         cfg = preset_config(preset, layers, experts)
         MiMoConfig.from_dict(cfg)  # a config this preset and these counts cannot make
     except (ValueError, ConfigError) as e:
-        raise click.UsageError(str(e)) from None
+        fail(PROG, str(e))
     created = not out.exists()
     try:
         write_checkpoint(out, cfg, seed=seed, mtp=mtp)

@@ -25,6 +25,7 @@ import numpy as np
 
 from loader import LoaderError, open_device
 from loader.manifest import held_elsewhere, read_manifest
+from loader.usage import OneLineUsage
 from mimo import hbm, routing
 from mimo.hbm import DoesNotFit
 from runtime.dist import RendezvousError
@@ -153,17 +154,6 @@ def _mode(device_rank, world_size, all_ranks, devices) -> tuple[str, int, int]:
     return ("single" if world_size == 1 else "dist"), device_rank, world_size
 
 
-class _Command(click.Command):
-    """A click command whose usage errors are one line (``mimo-run: error: ...``), exit 2."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError as e:
-            click.echo(f"mimo-run: error: {e.format_message()}", err=True)
-            sys.exit(2)
-
-
 def _positive(v: float) -> bool:
     return math.isfinite(v) and v > 0
 
@@ -213,7 +203,8 @@ def _layer_progress(done: int, total: int) -> None:
 
 
 @click.command(
-    cls=_Command,
+    cls=OneLineUsage,
+    prog="mimo-run",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.argument("out", type=click.Path(path_type=Path))
