@@ -98,6 +98,7 @@ def moe_block_routed(
     down_scale: np.ndarray | None = None,
     replica_index: np.ndarray | None = None,
     replica_count: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`runtime.kernels.moe_block.moe_block` computing each local expert on its routed
     tokens only (data-dependent shapes: host only). x (T, H) -> (T, H) summed over ranks.
@@ -107,10 +108,9 @@ def moe_block_routed(
         x, router_w, choice_bias, top_k=top_k, norm_topk=norm_topk, scaling=scaling
     )  # (T, k), (T, k)
     partial = np.zeros(x.shape, np.float32)
+    pos = np.arange(x.shape[0], dtype=np.int32) if positions is None else positions
     owner = (
-        replica_owner(x.shape[0], replica_index, replica_count)
-        if replica_count is not None
-        else None
+        replica_owner(pos, replica_index, replica_count) if replica_count is not None else None
     )  # (T, E_l)
     for j, expert in enumerate(expert_ids.tolist()):
         hit = idx == expert  # (T, k)

@@ -223,7 +223,7 @@ class RankModel:
             h = run(rmsnorm, {"x": x, "weight": layer.weights["input_norm"]}, {"eps": eps})
             x = x + self._attention(layer, h, positions, *tables[key])
             h = run(rmsnorm, {"x": x, "weight": layer.weights["post_attn_norm"]}, {"eps": eps})
-            x = x + self._mlp(layer, h)
+            x = x + self._mlp(layer, h, positions)
             if on_layer is not None:
                 on_layer(done, len(self.layers))
         out = run(
@@ -271,8 +271,9 @@ class RankModel:
         args["slots"] = (positions[-min(len(positions), ring) :] % ring).astype(np.int32)
         return self.backend.call(attention_swa, args, static, ("ring_k", "ring_v", "ring_pos"))
 
-    def _mlp(self, layer: Layer, h: np.ndarray) -> np.ndarray:
-        """The layer's dense MLP or MoE on ``h`` (T, H); (T, H) summed over ranks."""
+    def _mlp(self, layer: Layer, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The layer's dense MLP or MoE on ``h`` (T, H) at absolute ``positions`` (T,) (they
+        choose among replicated experts); (T, H) summed over ranks."""
         w, comm = layer.weights, self.comm
         if layer.spec.mlp != MOE:
             args = {"x": h, "gate_up": w["gate_up"], "down": w["down"]}
@@ -289,6 +290,8 @@ class RankModel:
             "down": w["down"],
             **{k: w[k] for k in MOE_OPTIONAL if k in w},
         }
+        if "replica_count" in args:
+            args["positions"] = positions
         return self.backend.call(moe_block, args, {**layer.mlp_static, "comm": comm})
 
 

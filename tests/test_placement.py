@@ -22,6 +22,7 @@ from pipeline.source import LocalSource
 from runtime.backends import CpuBackend
 from runtime.comm import ThreadGroup
 from runtime.kernels import decoder
+from runtime.kernels.moe_block import replica_owner
 from runtime.ranks import InProcessRanks
 from tests.oracle import load_transformers_model
 from tests.oracle import logits as oracle_logits
@@ -206,18 +207,32 @@ def test_fused_moe_kernel_computes_each_token_once_over_replicas():
     comms = ThreadGroup.create(world)
     got = [None] * world
 
-    def rank(r):
+    def rank(r, positions):
         sl = np.asarray(blocks[r])
         got[r] = decoder.moe_mlp(
             x, **router, expert_ids=sl.astype(np.uint32), gate_up=gu[sl], down=dn[sl],
             comm=comms[r], replica_index=np.asarray(rep[r][0], np.uint32),
-            replica_count=np.asarray(rep[r][1], np.uint32), **static,
+            replica_count=np.asarray(rep[r][1], np.uint32), positions=positions, **static,
         )
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+    for positions in (None, np.arange(100, 100 + tokens, dtype=np.int32)):
+        threads = [threading.Thread(target=rank, args=(r, positions)) for r in range(world)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_single_token_steps_go_round_the_replicas():
+    """Replicas split tokens by absolute position: decode steps (one token a call) at
+    positions 0..5 of an expert with 3 replicas use each replica twice."""
+    index, count = np.asarray([0, 1, 2], np.uint32), np.asarray([3, 3, 3], np.uint32)
+    owners = [
+        int(np.flatnonzero(replica_owner(np.asarray([p], np.int32), index, count)[0])[0])
+        for p in range(6)
+    ]
+    assert owners == [0, 1, 2, 0, 1, 2]
+    block = replica_owner(np.arange(7, 13, dtype=np.int32), index, count)  # a prompt at 7..12
+    assert block.sum(axis=1).tolist() == [1] * 6  # each token computed by exactly one replica
 
 
 # ------------------------------------------------------------------------- routing statistics

@@ -147,10 +147,12 @@ def moe_mlp(
     down_scale=None,
     replica_index=None,
     replica_count=None,
+    positions=None,
 ):
     """:func:`runtime.kernels.moe_block.moe_block` with optional FP8 experts and a float32
     partial sum and all-reduce. h (T, H) -> (T, H) float32 summed over ranks. Replicated
-    experts (``replica_index``/``replica_count`` (E_l,) uint32) split the tokens as there."""
+    experts (``replica_index``/``replica_count`` (E_l,) uint32) split the tokens by their
+    absolute ``positions`` (T,) int32, as there."""
     tokens, hidden = h.shape
     local = expert_ids.shape[0]
     weights, idx = moe_router(
@@ -158,7 +160,8 @@ def moe_mlp(
     )  # (T, k) float32, (T, k) uint32
     hit = idx[:, :, None] == expert_ids.astype(np.uint32)[None, None, :]  # (T, k, E_l)
     if replica_count is not None:
-        t = np.arange(tokens, dtype=np.uint32)[:, None]
+        pos = np.arange(tokens, dtype=np.int32) if positions is None else positions
+        t = pos.astype(np.uint32)[:, None]  # (T, 1)
         mine = (t % replica_count.astype(np.uint32)[None, :]) == replica_index.astype(np.uint32)
         hit = hit & mine[:, None, :]
     gate = np.sum(np.where(hit, weights[:, :, None], np.float32(0.0)), axis=1)  # (T, E_l)
@@ -305,7 +308,10 @@ def layer_full_moe(
         "replica_count": replica_count,
     }
     h = rmsnorm(x, post_attn_norm, eps)
-    return x + moe_mlp(h, *experts, **routing, **extra, comm=comm, dtype=qkv_w.dtype)
+    mlp = moe_mlp(
+        h, *experts, **routing, **extra, positions=positions, comm=comm, dtype=qkv_w.dtype
+    )
+    return x + mlp
 
 
 def layer_swa_dense(
@@ -437,7 +443,10 @@ def layer_swa_moe(
         "replica_count": replica_count,
     }
     h = rmsnorm(x, post_attn_norm, eps)
-    return x + moe_mlp(h, *experts, **routing, **extra, comm=comm, dtype=qkv_w.dtype)
+    mlp = moe_mlp(
+        h, *experts, **routing, **extra, positions=positions, comm=comm, dtype=qkv_w.dtype
+    )
+    return x + mlp
 
 
 # (attention kind, MLP kind) -> the layer kernel; kinds as in mimo.config

@@ -35,11 +35,13 @@ def moe_block(
     down_scale: np.ndarray | None = None,
     replica_index: np.ndarray | None = None,
     replica_count: np.ndarray | None = None,
+    positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """x (T, H); expert_ids (E_l,) uint32; gate_up (E_l, H, 2I); down (E_l, I, H) -> (T, H).
 
     ``replica_index``/``replica_count`` (E_l,) uint32: slot ``j``'s replica of its expert and the
-    expert's replica count (default: 0 and 1, no replicas).
+    expert's replica count (default: 0 and 1, no replicas); ``positions`` (T,) int32, the tokens'
+    absolute positions, choose the replica (:func:`replica_owner`; default ``0..T-1``).
 
     FP8 experts come with their scales (``gate_up_scale`` (E_l, ceil(H/128), 2 ceil(I/128)),
     ``down_scale`` (E_l, ceil(I/128), ceil(H/128))) and are dequantised blockwise here.
@@ -54,7 +56,8 @@ def moe_block(
     )  # (T, k), (T, k)
     hit = idx[:, :, None] == expert_ids.astype(np.uint32)[None, None, :]  # (T, k, E_l)
     if replica_count is not None:
-        hit = hit & replica_owner(tokens, replica_index, replica_count)[:, None, :]
+        pos = np.arange(tokens, dtype=np.int32) if positions is None else positions
+        hit = hit & replica_owner(pos, replica_index, replica_count)[:, None, :]
     gate = np.sum(np.where(hit, weights[:, :, None], np.float32(0.0)), axis=1)  # (T, E_l)
     xs = np.broadcast_to(x[None, :, :], (local, tokens, hidden))  # (E_l, T, H)
     out = swiglu(xs, gate_up, down)  # (E_l, T, H)
@@ -63,9 +66,11 @@ def moe_block(
 
 
 def replica_owner(
-    tokens: int, replica_index: np.ndarray, replica_count: np.ndarray
+    positions: np.ndarray, replica_index: np.ndarray, replica_count: np.ndarray
 ) -> np.ndarray:
-    """(T, E_l) bool: whether slot ``j`` computes token ``t`` (``t % count[j] == index[j]``)."""
-    t = np.arange(tokens, dtype=np.uint32)[:, None]  # (T, 1)
+    """(T, E_l) bool: whether slot ``j`` computes the token at absolute position ``positions[t]``
+    (``positions[t] % count[j] == index[j]``). By position, not by index in the call, so single-
+    token decode steps go round the replicas too."""
+    t = positions.astype(np.uint32)[:, None]  # (T, 1)
     count = replica_count.astype(np.uint32)[None, :]
     return (t % count) == replica_index.astype(np.uint32)[None, :]
