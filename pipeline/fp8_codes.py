@@ -7,8 +7,9 @@ layout ``[R, C]`` into a ``[C, R]`` destination, which may be a column band of a
 rows, eight destination rows per pass, so each source cache line is read once per tile and every
 destination row receives a contiguous segment (two to three times NumPy's banded transpose).
 One-byte codes whose rows start on 8-byte boundaries move as 8x8 blocks in 64-bit words (a few
-shifts and masks transpose a block in registers), about 1.5 times the byte loop. The NaN count is
-a separate vectorised pass over the source (a small fraction of the copy). All loops release the
+shifts and masks transpose a block in registers), about 1.5 times the byte loop. The NaN count
+(:func:`pipeline.nonfinite.count_nan_codes`) is a separate vectorised pass over the source (a
+small fraction of the copy). All loops release the
 GIL.
 """
 
@@ -17,11 +18,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import types
-from numpy.lib.stride_tricks import as_strided
+
+from pipeline.nonfinite import count_nan_codes
+from pipeline.strided import flat_input, flat_rows, unit_rows
 
 TILE_ROWS = 512  # source rows per tile: 512 lines of the source stay in L1/L2 across 8 columns
 
-_FLAT_IN = types.Array(types.uint8, 1, "C", readonly=True)
 _BITS = {1: types.uint8, 2: types.uint16, 4: types.uint32}
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
@@ -146,41 +148,6 @@ def _transpose_bytes(src, lds, rows, cols, dst, ldd) -> None:
         _transpose(src[r8 * lds :], lds, rows - r8, c8, dst[r8:], ldd)
 
 
-@numba.njit(types.int64(_FLAT_IN, types.int64, types.int64, types.int64), nogil=True, cache=True)
-def _count_nan(codes, ld, rows, cols):
-    """How many of the ``rows x cols`` codes (rows ``ld`` apart) are NaN (low 7 bits all ones)."""
-    n = 0
-    for i in range(rows):
-        row = codes[i * ld : i * ld + cols]
-        for j in range(cols):
-            n += (row[j] & 0x7F) == 0x7F
-    return n
-
-
-def flat_rows(a: np.ndarray) -> tuple[np.ndarray, int]:
-    """A 2-D array with unit-stride rows as a flat 1-D view, and its row stride (elements)."""
-    rows, cols = a.shape
-    ld = a.strides[0] // a.itemsize
-    return as_strided(a, shape=((rows - 1) * ld + cols,), strides=(a.itemsize,)), ld
-
-
-def unit_rows(a: np.ndarray) -> bool:
-    """Whether a 2-D array's rows are unit-stride and do not overlap (:func:`flat_rows` holds)."""
-    step = a.strides[0]
-    return a.strides[1] == a.itemsize and step >= a.shape[1] * a.itemsize and step % a.itemsize == 0
-
-
-def count_nan_codes(codes: np.ndarray) -> int:
-    """How many of the 2-D e4m3fn ``codes`` (uint8 bits, unit-stride rows) are NaN."""
-    codes = codes.view(np.uint8)
-    if codes.size == 0:
-        return 0
-    if not unit_rows(codes):
-        codes = np.ascontiguousarray(codes)
-    flat, ld = flat_rows(codes)
-    return int(_count_nan(flat, ld, *codes.shape))
-
-
 def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
     """``out[...] = a.T`` bit for bit for 2-D arrays of one element size (1, 2 or 4 bytes).
 
@@ -196,10 +163,8 @@ def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"output shape {out.shape}; input {a.shape} needs {(cols, rows)}")
     if rows == 0 or cols == 0:
         return
-    if not unit_rows(bits):
-        bits = np.ascontiguousarray(bits)
     dst = out_bits if unit_rows(out_bits) else np.empty(out_bits.shape, out_bits.dtype)
-    flat_src, lds = flat_rows(bits)
+    flat_src, lds = flat_input(bits)
     flat_dst, ldo = flat_rows(dst)
     (_transpose_bytes if size == 1 else _transpose)(flat_src, lds, rows, cols, flat_dst, ldo)
     if dst is not out_bits:

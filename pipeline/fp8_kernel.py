@@ -25,8 +25,8 @@ import numpy as np
 from numba import types
 
 from pipeline.fp8 import BF16, FP8
-from pipeline.fp8_codes import flat_rows, unit_rows
 from pipeline.nonfinite import EXPONENT, count_flat
+from pipeline.strided import flat_input, flat_rows, unit_rows
 
 TILE_ROWS = 256  # at most this many weight rows share a table (destination segments <= 512 B)
 _CODE_VALUES = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)  # [256]
@@ -154,10 +154,8 @@ def dequantise_into(
         raise ValueError(f"row_scale indexes past the {scales.shape[0]} rows of the scale grid")
     if rows == 0 or cols == 0:
         return 0
-    if not unit_rows(codes):
-        codes = np.ascontiguousarray(codes)
     dst = out if unit_rows(out) else np.empty(out.shape, out.dtype)
-    flat_codes, ldc = flat_rows(codes)
+    flat_codes, ldc = flat_input(codes)
     flat_dst, ldo = flat_rows(dst)
     _dequantise(
         flat_codes,

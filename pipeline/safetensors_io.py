@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.fp8_codes import unit_rows
+from pipeline.strided import unit_rows
 
 NUMPY_DTYPE = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),

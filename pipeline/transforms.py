@@ -35,7 +35,8 @@ from pipeline.buffers import scratch
 from pipeline.e4m3 import ocp_to_trn
 from pipeline.errors import InputError
 from pipeline.fp8 import fused_kv_saturation
-from pipeline.fp8_codes import count_nan_codes, transpose_codes_into
+from pipeline.fp8_codes import transpose_codes_into
+from pipeline.nonfinite import count_nan_codes
 from pipeline.plan import Unit
 from pipeline.reading import UnitContext
 

@@ -181,6 +181,13 @@ def _mlp_dense(x, post_attn_norm, gate_up, down, eps, comm):
 
 
 # ------------------------------------------------------------------------------- layers
+def _moe_residual(x, post_attn_norm, experts, positions, eps, comm, dtype, **moe):
+    """``x + moe_mlp(rmsnorm(x))``, the MoE half of a layer kernel: ``experts`` the router and
+    expert arrays in :func:`moe_mlp`'s order, ``moe`` its keyword arguments."""
+    h = rmsnorm(x, post_attn_norm, eps)
+    return x + moe_mlp(h, *experts, positions=positions, comm=comm, dtype=dtype, **moe)
+
+
 def _attn_static(heads, kv_heads, head_dim, v_head_dim, value_scale):
     return {
         "heads": heads,
@@ -300,18 +307,12 @@ def layer_full_moe(
         comm,
     )
     experts = (router_w, choice_bias, expert_ids, gate_up, down)
-    routing = {"top_k": top_k, "norm_topk": norm_topk, "scaling": scaling}
-    extra = {
-        "gate_up_scale": gate_up_scale,
-        "down_scale": down_scale,
-        "replica_index": replica_index,
-        "replica_count": replica_count,
-    }
-    h = rmsnorm(x, post_attn_norm, eps)
-    mlp = moe_mlp(
-        h, *experts, **routing, **extra, positions=positions, comm=comm, dtype=qkv_w.dtype
+    return _moe_residual(
+        x, post_attn_norm, experts, positions, eps, comm, qkv_w.dtype,
+        top_k=top_k, norm_topk=norm_topk, scaling=scaling,
+        gate_up_scale=gate_up_scale, down_scale=down_scale,
+        replica_index=replica_index, replica_count=replica_count,
     )
-    return x + mlp
 
 
 def layer_swa_dense(
@@ -435,18 +436,12 @@ def layer_swa_moe(
         comm,
     )
     experts = (router_w, choice_bias, expert_ids, gate_up, down)
-    routing = {"top_k": top_k, "norm_topk": norm_topk, "scaling": scaling}
-    extra = {
-        "gate_up_scale": gate_up_scale,
-        "down_scale": down_scale,
-        "replica_index": replica_index,
-        "replica_count": replica_count,
-    }
-    h = rmsnorm(x, post_attn_norm, eps)
-    mlp = moe_mlp(
-        h, *experts, **routing, **extra, positions=positions, comm=comm, dtype=qkv_w.dtype
+    return _moe_residual(
+        x, post_attn_norm, experts, positions, eps, comm, qkv_w.dtype,
+        top_k=top_k, norm_topk=norm_topk, scaling=scaling,
+        gate_up_scale=gate_up_scale, down_scale=down_scale,
+        replica_index=replica_index, replica_count=replica_count,
     )
-    return x + mlp
 
 
 # (attention kind, MLP kind) -> the layer kernel; kinds as in mimo.config
