@@ -97,12 +97,13 @@ class UnitContext:
 
         FP8 weights are only ever read transposed (:meth:`transposed_rows`).
         """
-        if self.reader.checked.entry(name).dtype == F8:
+        entry = self.reader.checked.entry(name)
+        if entry.dtype == F8:
             raise ValueError(f"{name}: FP8 tensors are read with transposed_rows")
-        r1 = self.reader.shape(name)[0] if r1 is None else r1
-        stored = NUMPY_DTYPE[self.reader.checked.entry(name).dtype]
+        r1 = entry.shape[0] if r1 is None else r1
+        stored = NUMPY_DTYPE[entry.dtype]
         same = out is not None and out.dtype == stored and out.flags.c_contiguous
-        if same and out.shape == (r1 - r0, *self.reader.shape(name)[1:]):
+        if same and out.shape == (r1 - r0, *entry.shape[1:]):
             self.reader.raw(name, r0, r1, out)  # no cast: straight into ``out``
             return out
         codes = self._raw(name, r0, r1)
