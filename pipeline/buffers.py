@@ -2,6 +2,9 @@
 
 Touching fresh pages is the slow part of a large temporary array (especially on VMs that hand freed
 memory back to the host), so each worker thread keeps its buffers and reuses them, unit after unit.
+A buffer is named by its role, not its dtype: the same bytes serve every dtype and shape asked of
+that name, so a thread needs only as much memory as its largest unit asks of each role at once
+(the converter uses ``read`` for source bytes and ``out`` for the output being built).
 A thread's pool holds at most ``POOL_BYTES`` (or just one buffer, if that alone is larger): beyond
 that the least recently used buffers are dropped, never the one being handed out (a unit still
 using a dropped buffer keeps it alive until it finishes). Buffers start on a 4 KiB boundary, so
@@ -24,26 +27,27 @@ POOL_BYTES = 320 << 20  # per thread: the largest unit at the real shapes (dense
 def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A C-contiguous ``shape``/``dtype`` view of this thread's buffer called ``name``.
 
-    The view starts on an ``ALIGN`` boundary. The buffer becomes this thread's most recently used
-    one, so making room for it only ever drops other buffers.
+    The view starts on an ``ALIGN`` boundary and is valid until this thread next asks for
+    ``name`` (in any dtype). The buffer becomes this thread's most recently used one, so making
+    room for it only ever drops other buffers.
     """
     pool: OrderedDict | None = getattr(_local, "pool", None)
     if pool is None:
         pool = _local.pool = OrderedDict()
     dtype = np.dtype(dtype)
-    n = max(math.prod(shape), 1)
-    key = (name, dtype)
+    n = math.prod(shape) * dtype.itemsize
+    key = name
     buf = pool.get(key)
-    if buf is None or buf.size < n:
+    if buf is None or buf.size < max(n, 1):
         pool.pop(key, None)
         buf = None  # release a smaller buffer before allocating its replacement (a fresh key: last)
-        raw = np.empty(n * dtype.itemsize + ALIGN, np.uint8)
+        raw = np.empty(max(n, 1) + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
-        buf = pool[key] = raw[start : start + n * dtype.itemsize].view(dtype)
+        buf = pool[key] = raw[start : start + max(n, 1)]
         total = sum(b.nbytes for b in pool.values())
         while len(pool) > 1 and total > POOL_BYTES:
             _, dropped = pool.popitem(last=False)  # the least recently used; never ``key``
             total -= dropped.nbytes
     else:
         pool.move_to_end(key)
-    return buf[: math.prod(shape)].reshape(shape)
+    return buf[:n].view(dtype).reshape(shape)

@@ -254,6 +254,11 @@ def _small_files(checked: ValidatedSource) -> dict[str, bytes]:
     return files
 
 
+def store_attributes(store: str) -> dict[str, Any]:
+    """The attributes of ``store``'s root group."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "store": store}
+
+
 @dataclass
 class _Run:
     """One locked run over OUT: what to convert, from what, into what."""
@@ -291,7 +296,8 @@ class _Run:
         finally:
             reader.close()
         for store in plan.stores:
-            consolidate(out, store)
+            arrays = [spec for _, spec in plan.arrays() if spec.store == store]
+            consolidate(out, store, store_attributes(store), arrays)
         sync_filesystem(out)
         self.check_resumed_nonfinite(records, pending)
         manifest, tables = build_manifest(
@@ -323,8 +329,8 @@ class _Run:
         for name, data in self.small.items():
             atomic_write(out / name, data)
         for store in self.plan.stores:
-            attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "store": store}
-            create_store(out, store, attrs)  # refuses a store holding a symbolic link
+            # refuses a store holding a symbolic link
+            create_store(out, store, store_attributes(store))
             remove_partials(store_dir(out, store))
 
     def resumable(self) -> tuple[dict[str, Records], list[Unit]]:

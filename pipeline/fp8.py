@@ -91,33 +91,40 @@ def fused_kv_saturation(
 
     Scales are ``amax / 448``, so under the grouping the checkpoint was quantised with, every
     (128-row block, 128-column block) holds a code of magnitude 448. Counts, over the given KV heads
-    (``k_codes [heads*head_dim, C]``, ``v_codes [heads*v_head_dim, C]``), the fused blocks of
-    ``[K_h; V_h]`` that reach it, and the same for K's rows past the first block taken alone (the
-    competing "trim" reading), which a fused checkpoint often leaves below 448.
+    (``k_codes [heads*head_dim, C]``, ``v_codes [heads*v_head_dim, C]``, e4m3fn codes as ``uint8``
+    or FP8), the fused blocks of ``[K_h; V_h]`` that reach it, and the same for K's rows past the
+    first block taken alone (the competing "trim" reading), which a fused checkpoint often leaves
+    below 448. A block holding a NaN code does not reach it.
+
+    On the codes' bits: magnitude 448 is ``code & 0x7F == 0x7E``, NaN ``0x7F``.
     """
     bm, bn = block
     heads = k_codes.shape[0] // head_dim
     cols = k_codes.shape[1]
-    fused = ok = alone = alone_ok = 0
-    for h in range(heads):
-        rows = np.concatenate(
-            [
-                k_codes[h * head_dim : (h + 1) * head_dim],
-                v_codes[h * v_head_dim : (h + 1) * v_head_dim],
-            ]
-        ).view(FP8)
-        mag = np.abs(rows.astype(np.float32))  # (head_dim + v_head_dim, C)
-        for r0 in range(0, mag.shape[0], bm):
-            for c0 in range(0, cols, bn):
-                top = mag[r0 : r0 + bm, c0 : c0 + bn].max()
-                fused += 1
-                ok += int(top >= FP8_MAX)
-                if r0 < head_dim < r0 + bm:  # a block straddling K and V
-                    alone += 1
-                    alone_ok += int(mag[r0:head_dim, c0 : c0 + bn].max() >= FP8_MAX)
+    k = k_codes.view(np.uint8).reshape(heads, head_dim, cols)
+    v = v_codes.view(np.uint8).reshape(heads, v_head_dim, cols)
+    rows = np.concatenate([k, v], axis=1) & 0x7F  # [heads, head_dim + v_head_dim, C]
+    col_starts = np.arange(0, cols, bn)
+
+    def saturated(part: np.ndarray) -> np.ndarray:
+        """[heads, row blocks, column blocks] of ``part [heads, R, C]``: whether each block holds
+        a 448 and no NaN, i.e. its largest magnitude code is ``0x7E`` (NaN, ``0x7F``, is above)."""
+        n, r, c = part.shape
+        whole = r // bm * bm  # blocks of bm rows, then a ragged block (reduceat is slow here)
+        by_rows = [part[:, :whole].reshape(n, whole // bm, bm, c).max(axis=2)]
+        if whole < r:
+            by_rows.append(part[:, whole:].max(axis=1, keepdims=True))
+        by_rows = np.concatenate(by_rows, axis=1)
+        return np.maximum.reduceat(by_rows, col_starts, axis=2) == 0x7E
+
+    fused = saturated(rows)
+    alone = alone_ok = 0
+    if head_dim % bm:  # a block straddling K and V: K's rows in it, taken alone
+        tail = saturated(rows[:, head_dim // bm * bm : head_dim])
+        alone, alone_ok = tail.size, int(np.count_nonzero(tail))
     return {
-        "fused_blocks": fused,
-        "fused_saturated": ok,
+        "fused_blocks": fused.size,
+        "fused_saturated": int(np.count_nonzero(fused)),
         "k_tail_blocks": alone,
         "k_tail_saturated": alone_ok,
     }

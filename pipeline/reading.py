@@ -157,14 +157,14 @@ class UnitContext:
     def fp8_weight(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(codes ``uint8 [R, C]``, scale grid ``float32``) of a standard-grid FP8 weight.
 
-        The codes land in this thread's ``fp8`` buffer (valid until the next call), rows
+        The codes land in this thread's ``read`` buffer (valid until the next call), rows
         ``C + ROW_PAD`` bytes apart (a strided view).
         """
         if self.reader.checked.entry(name).dtype != F8:
             raise InputError(f"tensor '{name}' is not FP8: --expert-dtype float8_* needs FP8")
         rows, cols = self.reader.shape(name)
         grid, row_scale = self.scale_rule(name)
-        padded = scratch("fp8", (rows, cols + ROW_PAD), np.dtype(np.uint8))[:, :cols]
+        padded = scratch("read", (rows, cols + ROW_PAD), np.dtype(np.uint8))[:, :cols]
         codes = self.reader.raw(name, 0, rows, padded)
         return codes.view(np.uint8), np.asarray(grid, np.float32)
 
@@ -213,7 +213,7 @@ class UnitContext:
                     raise ValueError(f"{name}: column {k0} does not start a scale block")
                 # rows spaced by a non-power-of-two stride: no cache-set conflicts in the kernel
                 shape = (c1 - c0, width + ROW_PAD)
-                padded = scratch("codes", shape, np.dtype(np.uint8))[:, :width]
+                padded = scratch("read", shape, np.dtype(np.uint8))[:, :width]
                 codes = self.reader.raw(name, c0, c1, padded)[:, k0:k1]
                 nonfinite += dequantise_into(
                     codes, grid[:, k0 // block_cols :], row_scale[c0:c1], block_cols, band
@@ -228,4 +228,4 @@ class UnitContext:
     def _raw(self, name: str, r0: int, r1: int) -> np.ndarray:
         entry = self.reader.checked.entry(name)
         nraw = (r1 - r0) * math.prod(entry.shape[1:]) * ITEMSIZE[entry.dtype]
-        return self.reader.raw(name, r0, r1, scratch("raw", (nraw,), np.dtype(np.uint8)))
+        return self.reader.raw(name, r0, r1, scratch("read", (nraw,), np.dtype(np.uint8)))

@@ -5,8 +5,8 @@ per array, most of a minute for the real model's thousands of arrays): each arra
 is the document zarr-python 3 writes for it (:func:`array_metadata`: one chunk holding the whole
 array, the ``bytes`` codec and no other, ``fill_value`` 0, attributes ``logical_dtype`` for raw-bit
 dtypes), each parent folder gets a group ``zarr.json`` (:func:`group_metadata`), both serialised
-as zarr does (``json.dumps(indent=2)``) and put in place by a rename. Only the store's
-consolidation, once per store, goes through zarr. The chunk file is written here,
+as zarr does (``json.dumps(indent=2)``) and put in place by a rename; so is the consolidated root
+metadata, once per store (:func:`consolidated_metadata`). The chunk file is written here,
 piece by piece, so an array larger than memory streams to disk. Pieces go to a temporary file that
 is renamed into place when complete. The checksum (CRC32 of the chunk file) is computed while
 writing when pieces arrive in file order, else by reading the finished file back.
@@ -28,8 +28,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import unicodedata
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,13 +141,42 @@ def _write_metadata(folder: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def consolidate(out: Path, store: str) -> None:
-    """Consolidate the store's metadata into its root ``zarr.json`` (once, after all arrays)."""
-    import zarr  # here, not at the top: its import is a quarter of the converter's start-up
+def consolidated_metadata(attributes: dict, arrays: list[OutputArray]) -> dict:
+    """The store's root ``zarr.json`` with every node's metadata inlined, as
+    ``zarr.consolidate_metadata`` writes it (zarr-python 3.1).
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "consolidated metadata is not part of the v3 spec"
-        zarr.consolidate_metadata(store_dir(out, store))
+    ``consolidated_metadata.metadata`` maps each node's path (every array of ``arrays``, every
+    folder above one) to its document, sorted by depth then by NFKC-casefolded path; a group's
+    document carries an empty ``consolidated_metadata`` of its own, between ``zarr_format`` and
+    ``node_type``.
+    """
+    nodes: dict[str, dict] = {}
+    for spec in arrays:
+        parts = spec.path.split("/")
+        for depth in range(1, len(parts)):
+            nodes.setdefault("/".join(parts[:depth]), _with_consolidated(group_metadata(), {}))
+        nodes[spec.path] = array_metadata(spec.shape, spec.dtype)
+
+    def order(path: str) -> tuple[int, str]:
+        return path.count("/"), unicodedata.normalize("NFKC", path).casefold()
+
+    ordered = {path: nodes[path] for path in sorted(nodes, key=order)}
+    return _with_consolidated(group_metadata(attributes), ordered)
+
+
+def _with_consolidated(group: dict, metadata: dict) -> dict:
+    return {
+        "attributes": group["attributes"],
+        "zarr_format": group["zarr_format"],
+        "consolidated_metadata": {"kind": "inline", "must_understand": False, "metadata": metadata},
+        "node_type": group["node_type"],
+    }
+
+
+def consolidate(out: Path, store: str, attributes: dict, arrays: list[OutputArray]) -> None:
+    """Write the store's consolidated root ``zarr.json`` (:func:`consolidated_metadata`) by a
+    rename, once, after all of ``arrays`` (every array of the store) are in place."""
+    _write_metadata(store_dir(out, store), consolidated_metadata(attributes, arrays))
 
 
 class ArrayWriter:

@@ -42,7 +42,7 @@ from pipeline.reading import UnitContext
 
 FP8_ENCODINGS = ("float8_e4m3fn", "float8_e4m3")
 
-IN_MEMORY_LIMIT = 256 << 20  # a transposed output larger than this is written in row bands
+IN_MEMORY_LIMIT = 128 << 20  # a transposed output larger than this is written in row bands
 BAND_ALIGN = 128  # band rows: a multiple of the FP8 scale block (and of 8: 4 KiB-aligned offsets)
 
 
@@ -59,7 +59,7 @@ def _copy(ctx: UnitContext, unit: Unit) -> None:
     tail = spec.shape[1:]
     for r0 in range(0, total, step):
         r1 = min(r0 + step, total)
-        rows = scratch("copy", (r1 - r0, *tail), LOGICAL_DTYPES[spec.dtype])
+        rows = scratch("out", (r1 - r0, *tail), LOGICAL_DTYPES[spec.dtype])
         w.rows(r0, ctx.weight(name, r0, r1, spec.dtype, out=rows))
 
 
@@ -78,7 +78,7 @@ def _transpose(ctx: UnitContext, unit: Unit) -> None:
     band_rows = max(BAND_ALIGN, IN_MEMORY_LIMIT // row_bytes // BAND_ALIGN * BAND_ALIGN)
     for k0 in range(0, spec.shape[0], band_rows):
         k1 = min(k0 + band_rows, spec.shape[0])
-        band = scratch("band", (k1 - k0, r1 - r0), dt)
+        band = scratch("out", (k1 - k0, r1 - r0), dt)
         w.rows(k0, band, ctx.transposed_rows(name, r0, r1, spec.dtype, band, cols=(k0, k1)))
 
 
@@ -137,7 +137,7 @@ def _experts_gate_up(ctx: UnitContext, unit: Unit) -> None:
     (spec,) = unit.outputs
     _, h, two_i = spec.shape
     w = ctx.writer(spec)
-    slab = scratch("slab", (h, two_i), LOGICAL_DTYPES[spec.dtype])
+    slab = scratch("out", (h, two_i), LOGICAL_DTYPES[spec.dtype])
     pairs = zip(unit.inputs["gate"], unit.inputs["up"], strict=True)
     for j, (gate, up) in enumerate(pairs):
         nonfinite = ctx.transposed_rows(gate, 0, two_i // 2, spec.dtype, slab[:, : two_i // 2])
@@ -151,7 +151,7 @@ def _experts_down(ctx: UnitContext, unit: Unit) -> None:
     (spec,) = unit.outputs
     _, i, h = spec.shape
     w = ctx.writer(spec)
-    slab = scratch("slab", (i, h), LOGICAL_DTYPES[spec.dtype])
+    slab = scratch("out", (i, h), LOGICAL_DTYPES[spec.dtype])
     for j, down in enumerate(unit.inputs["down"]):
         w.rows(j, slab[None], ctx.transposed_rows(down, 0, h, spec.dtype, slab))
 
@@ -170,7 +170,7 @@ def _experts_fp8(ctx: UnitContext, unit: Unit, keys: tuple[str, ...]) -> None:
     encoding = codes_spec.dtype
     block = ctx.cfg.quant.block
     wc, ws = ctx.writer(codes_spec), ctx.writer(scale_spec)
-    slab = scratch("slab", codes_spec.shape[1:], np.dtype(np.uint8))
+    slab = scratch("out", codes_spec.shape[1:], np.dtype(np.uint8))
     grid_slab = scratch("grid", scale_spec.shape[1:], np.dtype(np.float32))
     stats = {"halved_blocks": 0, "inexact": 0, "nan_codes": 0, "nonfinite_scales": 0}
     for j, tensors in enumerate(zip(*(unit.inputs[k] for k in keys), strict=True)):

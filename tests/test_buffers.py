@@ -1,4 +1,5 @@
-"""Per-thread scratch pool: the buffer handed out survives eviction; views keep their contract."""
+"""Per-thread scratch pool: the buffer handed out survives eviction; views keep their contract;
+one name is one buffer whatever the dtype asked."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def test_growing_the_oldest_buffer_keeps_it(monkeypatch) -> None:
         scratch("b", (200 * MIB,), np.uint8)
         a = scratch("a", (250 * MIB,), np.uint8)  # "a" is the oldest; room is made by dropping "b"
         assert a.shape == (250 * MIB,)
-        assert list(_pool()) == [("a", np.dtype(np.uint8))]
-        assert np.shares_memory(a, _pool()[("a", np.dtype(np.uint8))])
+        assert list(_pool()) == ["a"]
+        assert np.shares_memory(a, _pool()["a"])
 
     _in_fresh_thread(sequence)
 
@@ -68,7 +69,7 @@ def test_random_sequence_keeps_view_and_pool_contracts(monkeypatch) -> None:
             assert view.flags.c_contiguous
             assert view.ctypes.data % ALIGN == 0
             pool = _pool()
-            key = (name, dtype)
+            key = name
             assert list(pool)[-1] == key  # handed out as the most recently used buffer
             assert np.shares_memory(view, pool[key]) or view.size == 0
             others = sum(b.nbytes for k, b in pool.items() if k != key)
@@ -76,5 +77,18 @@ def test_random_sequence_keeps_view_and_pool_contracts(monkeypatch) -> None:
             assert others <= buffers.POOL_BYTES
 
             view[...] = 1  # the whole view is writable memory of the requested size
+
+    _in_fresh_thread(sequence)
+
+
+def test_a_name_is_one_buffer_for_every_dtype() -> None:
+    def sequence() -> None:
+        codes = scratch("read", (4 * MIB,), np.uint8)
+        rows = scratch("read", (MIB, 2), np.uint16)  # same bytes: no second allocation
+        assert np.shares_memory(codes, rows)
+        assert list(_pool()) == ["read"] and _pool()["read"].nbytes == 4 * MIB
+        words = scratch("read", (2 * MIB,), np.float32)  # larger: the buffer is replaced
+        assert _pool()["read"].nbytes == 8 * MIB and words.dtype == np.float32
+        assert not np.shares_memory(words, codes)
 
     _in_fresh_thread(sequence)

@@ -9,6 +9,7 @@ consolidated root metadata (what ``loader.manifest.store_metadata`` reads) lists
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -129,3 +130,17 @@ def test_consolidated_metadata_lists_every_array(output):
         assert group.attrs["store"] == store
         for path, shape in paths.items():
             assert group[path].shape == shape, path
+
+
+def test_consolidated_root_is_the_one_zarr_writes(output, tmp_path):
+    """Each store's root ``zarr.json``, written without zarr, is byte for byte the document
+    ``zarr.consolidate_metadata`` writes for the same store."""
+    out, records, _ = output
+    for store in sorted({r["store"] for r in records}):
+        root = out / f"{store}.zarr"
+        copy = tmp_path / root.name
+        shutil.copytree(root, copy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # consolidated metadata is not part of the v3 spec
+            zarr.consolidate_metadata(copy)
+        assert (root / "zarr.json").read_bytes() == (copy / "zarr.json").read_bytes(), store
