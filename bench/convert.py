@@ -13,7 +13,9 @@ On a full-width synthetic checkpoint (the real tensor shapes, 6 layers and 8 exp
 The source is read once first so every side reads it from the page cache; floors and
 conversions alternate ``--repeats`` times and the best of each is kept (the machine is shared).
 
-Also measured: the per-array metadata cost (zarr-python's ``create_array`` against the
+Also measured: the start-up (a new interpreter importing the converter), this machine's speed-up
+from 1 to 2 threads for arithmetic and for a memory-bound copy (the ceiling of any 2-worker
+speed-up here), the per-array metadata cost (zarr-python's ``create_array`` against the
 converter's direct ``zarr.json`` writes), one core's rate of the FP8 -> BF16 kernel (GB/s of BF16
 output) and of the FP8 expert code copy, the kernel's speed-up from 1 to 2 threads, and the
 checksum (CRC32). Last, a projection for the real model from the plans in
@@ -44,6 +46,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,6 +228,46 @@ def core_rates() -> dict[str, float]:
     }
 
 
+@numba.njit(nogil=True, cache=True)
+def _arithmetic(n: int) -> int:
+    """A register-only loop (no memory traffic)."""
+    s = 0
+    for _ in range(n):
+        s = (s * 1103515245 + 12345) & 0xFFFFFFFF
+    return s
+
+
+@numba.njit(nogil=True, cache=True)
+def _stream(src: np.ndarray, dst: np.ndarray) -> None:
+    """Copy ``src`` into ``dst`` (memory traffic only, far beyond the caches)."""
+    for i in range(src.size):
+        dst[i] = src[i]
+
+
+def machine_scaling() -> dict[str, float]:
+    """This machine's throughput with 2 threads as a multiple of 1 thread's, for arithmetic alone
+    and for a memory-bound copy of 256 MiB per thread: what any converter's 2-worker speed-up can
+    reach here."""
+    bufs = [(np.ones(256 << 20, np.uint8), np.ones(256 << 20, np.uint8)) for _ in range(2)]
+
+    def ratio(job) -> float:
+        one = best(lambda: job(0), reps=3)
+
+        def two() -> None:
+            ts = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+
+        return 2 * one / best(two, reps=3)
+
+    return {
+        "arithmetic": ratio(lambda i: _arithmetic(100_000_000)),
+        "memory copy": ratio(lambda i: _stream(*bufs[i])),
+    }
+
+
 FRESH = """
 import time, numpy as np
 a = np.empty(1 << 30, np.uint8)
@@ -240,6 +283,17 @@ def fresh_memory() -> float:
     every conversion pays it for its buffers; the floors use one 64 MiB buffer."""
     out = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, check=True)
     return float(out.stdout)
+
+
+def start_up() -> float:
+    """Least wall seconds, of 3, for a new interpreter to import the converter."""
+    cmd = [sys.executable, "-c", "import pipeline.cli, pipeline.convert"]
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def real_model() -> dict[str, dict[str, int]]:
@@ -305,6 +359,8 @@ def main() -> None:
         shutil.rmtree(src)
     fresh.append(fresh_memory())
     rates = core_rates()
+    scaling = machine_scaling()
+    startup = start_up()
 
     print()
     print(
@@ -355,6 +411,15 @@ def main() -> None:
         + " (GB/s of output; CRC32, the converter's (isal) and zlib's: of hashed bytes)"
     )
     print(f"FP8 -> BF16 kernel, 2 threads on 2 tensors: {rates['kernel 2 threads']:.2f}x one")
+    print(
+        "this machine, 2 threads against 1: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in scaling.items())
+        + " (the memory copy bounds any streaming job's speed-up from a second worker)"
+    )
+    print(
+        f"start-up of a conversion (interpreter and imports, in every convert time above): "
+        f"{startup:.2f} s"
+    )
     print()
     print(
         "real model projection: max((read + write bytes) / D, CPU seconds / C), CPU seconds: "

@@ -16,16 +16,18 @@ pieces it is given (:func:`pipeline.nonfinite.count_nonfinite`, on the bits) unl
 passes the count it already has (the FP8 kernel's, or the NaN codes of an FP8 code array);
 :meth:`ArrayWriter.finish` records a count above zero as ``nonfinite``.
 
-Pieces whose memory, offset and length are 4 KiB-aligned are written with ``O_DIRECT``: the disk
-reads them straight from the converter's buffers, skipping the copy into the page cache (the
-largest CPU cost of buffered writes) and leaving the cache to the source files. Other pieces, and
-filesystems without direct I/O, use ordinary writes; durability comes from the converter's
+Pieces of at least ``DIRECT_MIN`` bytes whose memory, offset and length are 4 KiB-aligned are
+written with ``O_DIRECT``: the disk reads them straight from the converter's buffers, skipping
+the copy into the page cache (the largest CPU cost of buffered writes) and leaving the cache to
+the source files. Other pieces (a small direct write would wait behind the disk's whole queue),
+and filesystems without direct I/O, use ordinary writes; durability comes from the converter's
 ``syncfs`` either way.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import unicodedata
@@ -43,6 +45,7 @@ from pipeline.nonfinite import count_nonfinite
 from pipeline.plan import OutputArray
 
 # a chunk piece: a new file of an unpredictable name, never created through a link
+DIRECT_MIN = 1 << 20  # smaller pieces are buffered: a small direct write waits behind the queue
 _FLOATS = {"bfloat16", "float32"}  # logical dtypes a writer counts itself; FP8 codes come counted
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -123,19 +126,34 @@ def create_array_metadata(out: Path, spec: OutputArray) -> None:
     for part in parts[:-1]:
         parent = parent / part
         if not (parent / "zarr.json").exists():  # concurrent writers write the same bytes
-            _write_metadata(parent, group_metadata())
-    _write_metadata(folder, array_metadata(spec.shape, spec.dtype))
+            _write_metadata(parent, _GROUP_JSON)
+    _write_metadata(folder, _array_json(tuple(spec.shape), spec.dtype))
 
 
-def _write_metadata(folder: Path, doc: dict) -> None:
-    """``folder/zarr.json`` = ``doc`` via a ``*.partial`` file and a rename (no fsync: the
-    converter's ``syncfs`` makes it durable before the manifest is written)."""
+def _dumps(doc: dict) -> bytes:
+    return json.dumps(doc, indent=2).encode()  # as zarr serialises (its pure-Python encoder)
+
+
+@functools.lru_cache(maxsize=4096)
+def _array_json(shape: tuple[int, ...], dtype: str) -> bytes:
+    """:func:`array_metadata` serialised; arrays of one shape and dtype share it."""
+    return _dumps(array_metadata(shape, dtype))
+
+
+_GROUP_JSON = _dumps(group_metadata())
+
+
+def _write_metadata(folder: Path, doc: dict | bytes) -> None:
+    """``folder/zarr.json`` = ``doc`` (a document, or its serialised bytes) via a ``*.partial``
+    file and a rename (no fsync: the converter's ``syncfs`` makes it durable before the manifest
+    is written)."""
     path = folder / "zarr.json"
     refuse_link(path, "metadata file")
     tmp = folder / f"zarr.json.{uuid.uuid4().hex}.partial"  # removed by remove_partials
+    data = doc if isinstance(doc, bytes) else _dumps(doc)
     fd = os.open(tmp, _CREATE, 0o644)
     try:
-        _write_all(fd, memoryview(json.dumps(doc, indent=2).encode()), 0)
+        _write_all(fd, memoryview(data), 0)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -188,7 +206,8 @@ class ArrayWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.partial")
         self.fd = os.open(self.tmp, _CREATE, 0o644)
-        self.direct = _open_direct(self.tmp)
+        self.direct: int | None = None  # the O_DIRECT descriptor, opened for the first large piece
+        self._try_direct = True
         self.nbytes = spec.nbytes
         self.itemsize = np.dtype(storage_dtype(spec.dtype)).itemsize
         self.row_bytes = (
@@ -210,10 +229,10 @@ class ArrayWriter:
             self.next = -1  # out of order: checksum by reading back
         aligned = len(data) - len(data) % ALIGN
         if (
-            self.direct is not None
-            and aligned
+            aligned >= DIRECT_MIN
             and offset % ALIGN == 0
             and _address(data) % ALIGN == 0
+            and self._direct_fd() is not None
         ):
             try:
                 _write_all(self.direct, data[:aligned], offset)
@@ -222,8 +241,15 @@ class ArrayWriter:
                 if e.errno != errno.EINVAL:
                     raise
                 os.close(self.direct)  # the filesystem opened O_DIRECT but refuses to write it
-                self.direct = None
+                self.direct, self._try_direct = None, False
         _write_all(self.fd, data, offset)
+
+    def _direct_fd(self) -> int | None:
+        """The O_DIRECT descriptor of the partial file, opened on first use; None without one."""
+        if self.direct is None and self._try_direct:
+            self.direct = _open_direct(self.tmp)
+            self._try_direct = self.direct is not None
+        return self.direct
 
     def _count(self, block: np.ndarray, nonfinite: int | None) -> None:
         if nonfinite is None:

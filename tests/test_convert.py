@@ -214,6 +214,9 @@ def test_manifest_records_provenance(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("where", ["buffered", "tmpfs"])
 def test_direct_io_and_buffered_writes_give_the_same_bytes(tiny_ckpt, tmp_path, monkeypatch, where):
     """Aligned pieces go through O_DIRECT where the filesystem has it; the bytes never differ."""
+    import pipeline.store as store
+
+    monkeypatch.setattr(store, "DIRECT_MIN", store.ALIGN)  # the tiny arrays' pieces too
     direct = tmp_path / "direct"
     convert(LocalSource(tiny_ckpt), direct, 2, progress=False)
     if where == "buffered":
@@ -233,6 +236,43 @@ def test_direct_io_and_buffered_writes_give_the_same_bytes(tiny_ckpt, tmp_path, 
             shutil.rmtree(other.parent)
 
 
+def test_only_large_aligned_pieces_are_written_direct(tmp_path, monkeypatch):
+    """A piece of at least DIRECT_MIN aligned bytes goes through O_DIRECT (opened then, once);
+    a smaller one through the page cache, so it never waits behind the disk's queue."""
+    import fcntl
+    import os
+
+    import numpy as np
+
+    import pipeline.store as store
+    from pipeline.buffers import scratch
+    from pipeline.plan import OutputArray
+
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("no O_DIRECT on this platform")
+    real, writes = store._write_all, []
+
+    def write_all(fd, data, offset):
+        if len(data):
+            writes.append((bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT), len(data)))
+        return real(fd, data, offset)
+
+    rows = store.DIRECT_MIN // 4096  # rows of 4 KiB
+    spec = OutputArray("device-000", "a", (rows + 1, 1024), "float32")
+    store.create_store(tmp_path, "device-000", {})
+    monkeypatch.setattr(store, "_write_all", write_all)
+    w = store.ArrayWriter(tmp_path, spec)
+    assert w.direct is None  # not opened before a large piece arrives
+    block = scratch("out", spec.shape, np.dtype(np.float32))
+    block[...] = 1
+    w.rows(0, block[:1])  # 4 KiB: buffered
+    w.rows(1, block[1:])  # DIRECT_MIN bytes: direct
+    w.finish()
+    if w.direct is None and not any(d for d, _ in writes):
+        pytest.skip("this filesystem has no O_DIRECT")
+    assert writes == [(False, 4096), (True, store.DIRECT_MIN)]
+
+
 def test_a_filesystem_refusing_direct_writes_falls_back(tiny_ckpt, tmp_path, monkeypatch):
     """Some filesystems accept an O_DIRECT open, then fail its writes with EINVAL."""
     import errno
@@ -250,6 +290,7 @@ def test_a_filesystem_refusing_direct_writes_falls_back(tiny_ckpt, tmp_path, mon
         return real(fd, data, offset)
 
     monkeypatch.setattr(store, "_write_all", write_all)
+    monkeypatch.setattr(store, "DIRECT_MIN", store.ALIGN)  # the tiny arrays' pieces too
     out = tmp_path / "out"
     convert(LocalSource(tiny_ckpt), out, 2, progress=False)
     assert refused  # direct writes were attempted, refused, and redone buffered
