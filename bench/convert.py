@@ -185,6 +185,15 @@ def metadata_cost(work: Path, n: int = 300) -> dict[str, float]:
     return out
 
 
+def two_threads(job) -> None:
+    """``job(0)`` and ``job(1)`` on two threads at once."""
+    ts = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
 def core_rates() -> dict[str, float]:
     """One thread's rates, GB/s of output (of hashed bytes for CRC32); and the kernel's
     throughput with two threads on two tensors, as a multiple of one thread's."""
@@ -206,16 +215,9 @@ def core_rates() -> dict[str, float]:
     def kernel(i: int) -> None:
         dequantise_into(inputs[i], scales, row_scale, 128, outs[i])
 
-    def two_threads() -> None:
-        ts = [threading.Thread(target=kernel, args=(i,)) for i in range(2)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
     nbytes = outs[0].nbytes
     one = best(lambda: kernel(0))
-    two = best(two_threads)
+    two = best(lambda: two_threads(kernel))
     data = memoryview(outs[0].view(np.uint8).reshape(-1))
     return {
         "kernel": nbytes / one / 1e9,
@@ -251,16 +253,7 @@ def machine_scaling() -> dict[str, float]:
     bufs = [(np.ones(256 << 20, np.uint8), np.ones(256 << 20, np.uint8)) for _ in range(2)]
 
     def ratio(job) -> float:
-        one = best(lambda: job(0), reps=3)
-
-        def two() -> None:
-            ts = [threading.Thread(target=job, args=(i,)) for i in range(2)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-
-        return 2 * one / best(two, reps=3)
+        return 2 * best(lambda: job(0), reps=3) / best(lambda: two_threads(job), reps=3)
 
     return {
         "arithmetic": ratio(lambda i: _arithmetic(100_000_000)),
