@@ -24,7 +24,7 @@ D GB/s: ``max((read + write bytes) / D, CPU seconds / C)``, where CPU seconds ar
 bytes over the measured per-core rate (BF16 outputs at the kernel's, FP8 expert codes at the
 copy's) plus every output byte over the CRC32 rate.
 
-    python bench/convert.py [--layers 6] [--experts 8] [--devices 4] [--workers 3]
+    python bench/convert.py [--layers 6] [--experts 8] [--devices 4] [--workers W]
                             [--repeats 2] [--work bench-out] [--clean]
 
 Goals: time / faster floor <= 1.5 (BF16 experts), <= 1.2 (FP8 experts); kernel >= 1.5 GB/s of
@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from loader.format import CORE_DTYPES, chunk_shape, storage_dtype  # noqa: E402
 from mimo.checksum import crc32  # noqa: E402
 from mimo.fp8 import standard_row_scales  # noqa: E402
+from pipeline.cli import default_workers  # noqa: E402
 from pipeline.convert import make_plan  # noqa: E402
 from pipeline.fp8 import BF16, quantise  # noqa: E402
 from pipeline.fp8_codes import transpose_codes_into  # noqa: E402
@@ -313,7 +314,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--devices", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=default_workers(), help="default: mimo-shard's")
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side (best is kept)")
     ap.add_argument("--clean", action="store_true", help="remove the checkpoint afterwards")

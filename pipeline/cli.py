@@ -54,8 +54,8 @@ def _source(
 
 
 def default_workers() -> int:
-    """One more than the CPUs (a unit blocked on writeback leaves a core idle), at most 4."""
-    return min((os.cpu_count() or 1) + 1, 4)
+    """Two more than the CPUs (units blocked in their writes leave cores idle), at most 4."""
+    return min((os.cpu_count() or 1) + 2, 4)
 
 
 def _imports_done() -> None:
@@ -118,7 +118,7 @@ class _ShardCommand(OneLineUsage):
     "-j",
     type=int,
     default=None,
-    help="Units converted in parallel (default: CPUs + 1, at most 4).",
+    help="Units converted in parallel (default: CPUs + 2, at most 4).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan; read only the config and headers.")
 @click.option(

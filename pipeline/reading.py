@@ -36,7 +36,7 @@ from pipeline.safetensors_io import NUMPY_DTYPE
 from pipeline.source import Reader
 from pipeline.store import ArrayWriter, create_array_metadata
 
-CHUNK_BYTES = 16 << 20  # source rows read per step, as output bytes (a step's codes stay in cache)
+CHUNK_BYTES = 2 << 20  # source rows read per step, as output bytes (a step's FP8 codes fit in L2)
 ROW_PAD = 64  # bytes between FP8 code rows in the read buffer (avoids cache-set conflicts)
 
 
