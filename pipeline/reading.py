@@ -80,10 +80,12 @@ class UnitContext:
         self.writers.append(w)
         return w
 
-    def rows_per_chunk(self, name: str, dtype: str) -> int:
+    def rows_per_chunk(self, name: str, dtype: str, nbytes: int | None = None) -> int:
+        """Rows of ``name`` giving about ``nbytes`` (default ``CHUNK_BYTES``) of ``dtype`` output
+        per step: a multiple of 128 rows, at least 128."""
         shape = self.reader.shape(name)
         row = math.prod(shape[1:]) * LOGICAL_DTYPES[dtype].itemsize if len(shape) > 1 else 1
-        return max(128, CHUNK_BYTES // max(row, 1) // 128 * 128)
+        return max(128, (nbytes or CHUNK_BYTES) // max(row, 1) // 128 * 128)
 
     def weight(
         self,

@@ -43,6 +43,7 @@ from pipeline.reading import UnitContext
 FP8_ENCODINGS = ("float8_e4m3fn", "float8_e4m3")
 
 IN_MEMORY_LIMIT = 128 << 20  # a transposed output larger than this is written in row bands
+COPY_BYTES = 32 << 20  # a copy's step: no kernel to keep in cache, and one direct write per step
 BAND_ALIGN = 128  # band rows: a multiple of the FP8 scale block (and of 8: 4 KiB-aligned offsets)
 
 
@@ -55,7 +56,7 @@ def _copy(ctx: UnitContext, unit: Unit) -> None:
     (spec,), name = unit.outputs, _one(unit)
     w = ctx.writer(spec)
     total = spec.shape[0]
-    step = ctx.rows_per_chunk(name, spec.dtype)
+    step = ctx.rows_per_chunk(name, spec.dtype, COPY_BYTES)
     tail = spec.shape[1:]
     for r0 in range(0, total, step):
         r1 = min(r0 + step, total)

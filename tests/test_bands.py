@@ -2,8 +2,9 @@
 
 A transposed output larger than ``IN_MEMORY_LIMIT`` (``lm_head`` vocabulary slices at real
 shapes and few devices) is built in bands of whole output rows, each read from every source row
-in chunks of ``CHUNK_BYTES``. With both limits shrunk, the tiny checkpoint's ``lm_head`` and
-router take that path; every array must still match an ordinary conversion byte for byte.
+in chunks of ``CHUNK_BYTES``; copies go in steps of ``COPY_BYTES``. With the limits shrunk, the
+tiny checkpoint's ``lm_head`` and router take that path and its embedding is copied in several
+steps; every array must still match an ordinary conversion byte for byte.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def test_banded_transposes_write_the_same_bytes(tiny_ckpt, tmp_path, monkeypatch
 
     monkeypatch.setattr(transforms, "IN_MEMORY_LIMIT", 4096)
     monkeypatch.setattr(reading, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(transforms, "COPY_BYTES", 1 << 16)  # the embedding copied in steps too
     monkeypatch.setattr(reading.UnitContext, "transposed_rows", spy)
     convert(LocalSource(tiny_ckpt), tmp_path / "bands", 2, dtype=dtype, progress=False)
     banded = {name for name, cols in calls if cols is not None}
