@@ -372,6 +372,7 @@ def main() -> None:
         f"{'CPU s':>6} {'CPU s/cores':>11}"
     )
     cores = os.cpu_count() or 1
+    fastest = {d: min(min(floors[(d, False)]), min(floors[(d, True)])) for d in EXPERT_DTYPES}
     for dtype in EXPERT_DTYPES:
         c = min(conv[(dtype, args.workers)])
         f, d = min(floors[(dtype, False)]), min(floors[(dtype, True)])
@@ -412,7 +413,11 @@ def main() -> None:
     )
     print(
         f"start-up of a conversion (interpreter and imports, in every convert time above): "
-        f"{startup:.2f} s"
+        f"{startup:.2f} s; without it, time / faster floor: "
+        + ", ".join(
+            f"{d} {(min(conv[(d, args.workers)]) - startup) / fastest[d]:.2f}"
+            for d in EXPERT_DTYPES
+        )
     )
     print()
     print(
