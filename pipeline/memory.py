@@ -10,7 +10,7 @@ from loader.format import LOGICAL_DTYPES
 from pipeline.buffers import POOL_BYTES
 from pipeline.plan import Plan, Unit
 from pipeline.reading import CHUNK_BYTES
-from pipeline.transforms import IN_MEMORY_LIMIT
+from pipeline.transforms import COPY_BYTES, IN_MEMORY_LIMIT
 
 BASELINE_RSS = 320 << 20  # interpreter, numpy, zarr, tqdm, numba and its compiled kernels
 
@@ -23,7 +23,7 @@ def working_set(unit: Unit, source_shapes: dict[str, tuple[int, ...]]) -> int:
         rows, cols = source_shapes[unit.inputs["w"][0]]
         out = rows * cols * LOGICAL_DTYPES[unit.outputs[0].dtype].itemsize
     elif unit.transform == "copy":
-        out = min(out, CHUNK_BYTES)  # streamed in chunks
+        out = min(out, COPY_BYTES)  # streamed in steps
     elif unit.transform == "transpose":
         out = min(out, IN_MEMORY_LIMIT)  # in bands of output rows
     elif unit.transform.startswith("experts_"):
