@@ -306,14 +306,19 @@ def read_into(fd: int, offset: int, out: np.ndarray, where: str) -> np.ndarray:
     if not out.flags.writeable:
         raise ValueError(f"{where}: read buffer is read-only")
     iov = _segments(out, where)
-    ends = np.cumsum(iov[:, 1])
-    total, done = int(ends[-1]), 0
+    total, done = out.size * out.itemsize, 0
+    ends = None  # segment end offsets, computed only when a call stops short of the end
     while done < total:
-        k = int(np.searchsorted(ends, done, side="right"))  # the first segment not yet full
-        batch = iov[k : k + IOV_MAX].copy()
-        skip = done - (int(ends[k - 1]) if k else 0)
-        batch[0, 0] += skip
-        batch[0, 1] -= skip
+        if done == 0 and len(iov) <= IOV_MAX:
+            batch = iov  # the usual case: one call reads everything
+        else:
+            if ends is None:
+                ends = np.cumsum(iov[:, 1])
+            k = int(np.searchsorted(ends, done, side="right"))  # the first segment not yet full
+            batch = iov[k : k + IOV_MAX].copy()
+            skip = done - (int(ends[k - 1]) if k else 0)
+            batch[0, 0] += skip
+            batch[0, 1] -= skip
         n = _preadv(fd, batch.ctypes.data, len(batch), offset + done)
         if n < 0:
             err = ctypes.get_errno()
