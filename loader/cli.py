@@ -11,7 +11,7 @@ import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -29,7 +29,10 @@ from loader.manifest import (
     store_metadata,
 )
 from loader.summary import kind_summary, summary
+from loader.usage import fail
 from loader.verify import Problem, check_array
+
+PROG = "mimo-manifest"  # the name error lines start with
 
 
 def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
@@ -40,13 +43,7 @@ def _load(out: Path, arrays: bool = True) -> dict[str, Any]:
             m["arrays"] = read_arrays(out, m)
         return m
     except LoaderError as e:
-        _fail(str(e))
-
-
-def _fail(message: str) -> NoReturn:
-    """A user error: one line on stderr, exit code 2."""
-    click.echo(f"mimo-manifest: error: {message}", err=True)
-    sys.exit(2)
+        fail(PROG, str(e))
 
 
 _NoArgsIsHelp = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -63,9 +60,9 @@ class _OneLineErrors(click.Group):
             click.echo(e.format_message())
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            _fail(e.format_message())
+            fail(PROG, e.format_message())
         except click.Abort:
-            _fail("aborted")
+            fail(PROG, "aborted")
 
 
 @click.group(
@@ -159,10 +156,10 @@ def _select(m: dict[str, Any], rank: int | None) -> list[dict[str, Any]]:
         return m["arrays"]
     n = m["options"]["devices"]
     if not 0 <= rank < n:
-        _fail(f"--device-rank {rank} is outside 0..{n - 1}")
+        fail(PROG, f"--device-rank {rank} is outside 0..{n - 1}")
     elsewhere = held_elsewhere(m, rank)
     if elsewhere:
-        _fail(f"--device-rank {rank}: {elsewhere}")
+        fail(PROG, f"--device-rank {rank}: {elsewhere}")
     stores = {SHARED, device_store(rank)}
     return [a for a in m["arrays"] if a["store"] in stores]
 
@@ -193,17 +190,17 @@ def experts(out: Path, stats: Path | None, png: Path | None, as_json: bool) -> N
         try:
             s = routing.read(stats)
         except routing.StatsError as e:
-            _fail(str(e))
+            fail(PROG, str(e))
         want = m["model"]["config"].get("n_routed_experts")
         if s["model"].get("n_routed_experts") != want:
             have = s["model"].get("n_routed_experts")
-            _fail(f"{stats}: statistics of {have} experts; {out} has {want}")
+            fail(PROG, f"{stats}: statistics of {have} experts; {out} has {want}")
     rows = placement_rows(m, s)
     if png is not None:
         try:
             heatmap(rows, png)
         except (ImportError, ValueError) as e:
-            _fail(str(e))
+            fail(PROG, str(e))
     if as_json:
         click.echo(json.dumps({"layers": rows}, indent=1))
     else:
@@ -416,13 +413,13 @@ def audit(out: Path, source: str, revision: str | None, as_json: bool) -> None:
         if config is not None and config.exists():
             config_sha = file_sha256(config, "the checkpoint config")[1]
     except LoaderError as e:
-        _fail(str(e))
+        fail(PROG, str(e))
     try:
         weight_map = json.loads(raw)["weight_map"]
     except (ValueError, RecursionError, KeyError, TypeError) as e:
-        _fail(f"{index}: cannot read the index ({type(e).__name__}: {e})".splitlines()[0])
+        fail(PROG, f"{index}: cannot read the index ({type(e).__name__}: {e})".splitlines()[0])
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        _fail(f"{index}: 'weight_map' must map tensor names to file names")
+        fail(PROG, f"{index}: 'weight_map' must map tensor names to file names")
     r = audit_report(m, weight_map)
     check = source_check(m, index_sha, config_sha)
     mismatched = [k for k, v in check.items() if not v["match"]]

@@ -4,7 +4,8 @@ Touching fresh pages is the slow part of a large temporary array (especially on 
 memory back to the host), so each worker thread keeps its buffers and reuses them, unit after unit.
 A buffer is named by its role, not its dtype: the same bytes serve every dtype and shape asked of
 that name, so a thread needs only as much memory as its largest unit asks of each role at once
-(the converter uses ``read`` for source bytes and ``out`` for the output being built).
+(the converter uses ``read`` for source bytes and ``out`` for the output being built, plus
+``grid`` and ``idx`` for small FP8 scale work).
 A thread's pool holds at most ``POOL_BYTES`` (or just one buffer, if that alone is larger): beyond
 that the least recently used buffers are dropped, never the one being handed out (a unit still
 using a dropped buffer keeps it alive until it finishes). Buffers start on a 4 KiB boundary, so
@@ -36,18 +37,17 @@ def scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         pool = _local.pool = OrderedDict()
     dtype = np.dtype(dtype)
     n = math.prod(shape) * dtype.itemsize
-    key = name
-    buf = pool.get(key)
+    buf = pool.get(name)
     if buf is None or buf.size < max(n, 1):
-        pool.pop(key, None)
-        buf = None  # release a smaller buffer before allocating its replacement (a fresh key: last)
+        pool.pop(name, None)
+        buf = None  # release a smaller buffer before allocating its replacement (a new entry: last)
         raw = np.empty(max(n, 1) + ALIGN, np.uint8)
         start = -raw.ctypes.data % ALIGN
-        buf = pool[key] = raw[start : start + max(n, 1)]
+        buf = pool[name] = raw[start : start + max(n, 1)]
         total = sum(b.nbytes for b in pool.values())
         while len(pool) > 1 and total > POOL_BYTES:
-            _, dropped = pool.popitem(last=False)  # the least recently used; never ``key``
+            _, dropped = pool.popitem(last=False)  # the least recently used; never ``name``
             total -= dropped.nbytes
     else:
-        pool.move_to_end(key)
+        pool.move_to_end(name)
     return buf[:n].view(dtype).reshape(shape)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from loader.usage import OneLineUsage
+from loader.usage import OneLineUsage, fail
 from mimo.config import ConfigError, MiMoConfig
 from pipeline.errors import InputError
 from pipeline.plan import DTYPES, EXPERT_DTYPES, build_plan, make_options
@@ -53,15 +53,21 @@ def _source(
         raise InputError(f"{e} (and there is no local folder {spec!r})") from None
 
 
+PROG = "mimo-shard"  # the name error lines start with
+
+
 def default_workers() -> int:
     """Two more than the CPUs (units blocked in their writes leave cores idle), at most 4."""
     return min((os.cpu_count() or 1) + 2, 4)
 
 
-def _imports_done() -> None:
-    """What is imported by now lives until exit: the collector need not walk it again, during
-    the run or at interpreter exit (numba's object graph costs 0.15 s at every exit otherwise)."""
-    gc.freeze()
+def _freeze_imports() -> None:
+    """In the console script (:func:`entry`), what is imported by now lives until exit: the
+    collector need not walk it again, during the run or at interpreter exit (numba's object graph
+    costs 0.15 s at every exit otherwise). Called in-process (tests), nothing is frozen."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.find_root().obj or {}).get("freeze_imports"):
+        gc.freeze()
 
 
 def _looks_like_repo(spec: str) -> bool:
@@ -82,7 +88,7 @@ class _ShardCommand(OneLineUsage):
 
 @click.command(
     cls=_ShardCommand,
-    prog="mimo-shard",
+    prog=PROG,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.argument("source", required=False)
@@ -225,8 +231,7 @@ def main(
     --devices N -o MAP` writes an --expert-map from routing statistics.
     """
     if workers is not None and workers < 1:
-        click.echo(f"mimo-shard: error: --workers {workers}: must be >= 1", err=True)
-        sys.exit(2)
+        fail(PROG, f"--workers {workers}: must be >= 1")
     workers = workers or default_workers()
     try:
         if dry_run and expert_map is not None:
@@ -254,7 +259,7 @@ def main(
         if Path(source, "manifest.json").is_file():  # an output: reshard it
             from pipeline.reshard import reshard
 
-            _imports_done()
+            _freeze_imports()
 
             ctx = click.get_current_context()
             given = {
@@ -276,7 +281,7 @@ def main(
         from pipeline.convert import convert
         from pipeline.hosts import host_selection
 
-        _imports_done()
+        _freeze_imports()
 
         host_sel = host_selection(devices, hosts, host_rank, host_devices)
         src = _source(
@@ -301,8 +306,7 @@ def main(
         for warning in summary.warnings:
             click.echo(f"mimo-shard: warning: {warning}", err=True)
     except (InputError, ConfigError) as e:
-        click.echo(f"mimo-shard: error: {e}", err=True)
-        sys.exit(2)
+        fail(PROG, str(e))
     except OSError as e:
         click.echo(
             f"mimo-shard: error: {e.strerror or e} ({e.filename or 'output'}); "
@@ -383,8 +387,7 @@ def plan_experts(stats: Path, devices: int, replicas: int, output: Path) -> None
     try:
         doc, report = plan(read_stats(stats), devices, replicas)
     except InputError as e:
-        click.echo(f"mimo-shard: error: {e}", err=True)
-        sys.exit(2)
+        fail(PROG, str(e))
     output.write_text(json.dumps(doc, indent=1) + "\n")
     click.echo("layer  max/mean before (contiguous)  after")
     for layer, before, after in report:
@@ -393,5 +396,11 @@ def plan_experts(stats: Path, devices: int, replicas: int, output: Path) -> None
     click.echo(f"wrote {output}: {len(report)} MoE layers, {devices} ranks x {slots} slots")
 
 
+def entry() -> None:
+    """The ``mimo-shard`` console script (and ``python -m pipeline.cli``): :func:`main`, whose
+    imports are frozen for the collector once loaded."""
+    main(obj={"freeze_imports": True})
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -295,8 +295,10 @@ class _Run:
             self.convert_units(pending, records, reader)
         finally:
             reader.close()
-        for store in plan.stores:
-            arrays = [spec for _, spec in plan.arrays() if spec.store == store]
+        by_store: dict[str, list] = {store: [] for store in plan.stores}
+        for _, spec in plan.arrays():
+            by_store[spec.store].append(spec)
+        for store, arrays in by_store.items():
             consolidate(out, store, store_attributes(store), arrays)
         sync_filesystem(out)
         self.check_resumed_nonfinite(records, pending)

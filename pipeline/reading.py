@@ -159,7 +159,8 @@ class UnitContext:
     def fp8_weight(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(codes ``uint8 [R, C]``, scale grid ``float32``) of a standard-grid FP8 weight.
 
-        The codes land in this thread's ``read`` buffer (valid until the next call), rows
+        The codes land in this thread's ``read`` buffer (valid until this thread's next read
+        of any tensor), rows
         ``C + ROW_PAD`` bytes apart (a strided view).
         """
         if self.reader.checked.entry(name).dtype != F8:

@@ -16,8 +16,9 @@ pieces it is given (:func:`pipeline.nonfinite.count_nonfinite`, on the bits) unl
 passes the count it already has (the FP8 kernel's, or the NaN codes of an FP8 code array);
 :meth:`ArrayWriter.finish` records a count above zero as ``nonfinite``.
 
-Pieces of at least ``DIRECT_MIN`` bytes whose memory, offset and length are 4 KiB-aligned are
-written with ``O_DIRECT``: the disk reads them straight from the converter's buffers, skipping
+A piece whose memory and file offset are 4 KiB-aligned has its 4 KiB-aligned head written with
+``O_DIRECT`` when that head is at least ``DIRECT_MIN`` bytes (the rest, under 4 KiB, is
+buffered): the disk reads it straight from the converter's buffers, skipping
 the copy into the page cache (the largest CPU cost of buffered writes) and leaving the cache to
 the source files. Other pieces (a small direct write would wait behind the disk's whole queue),
 and filesystems without direct I/O, use ordinary writes; durability comes from the converter's
@@ -44,9 +45,9 @@ from pipeline.journal import refuse_link
 from pipeline.nonfinite import count_nonfinite
 from pipeline.plan import OutputArray
 
-# a chunk piece: a new file of an unpredictable name, never created through a link
 DIRECT_MIN = 1 << 20  # smaller pieces are buffered: a small direct write waits behind the queue
 _FLOATS = {"bfloat16", "float32"}  # logical dtypes a writer counts itself; FP8 codes come counted
+# a chunk piece: a new file of an unpredictable name, never created through a link
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 

@@ -237,8 +237,8 @@ def test_direct_io_and_buffered_writes_give_the_same_bytes(tiny_ckpt, tmp_path, 
 
 
 def test_only_large_aligned_pieces_are_written_direct(tmp_path, monkeypatch):
-    """A piece of at least DIRECT_MIN aligned bytes goes through O_DIRECT (opened then, once);
-    a smaller one through the page cache, so it never waits behind the disk's queue."""
+    """A piece of at least DIRECT_MIN aligned bytes goes through O_DIRECT (the descriptor opened
+    then, once); a smaller one through the page cache, so it never waits behind the disk's queue."""
     import fcntl
     import os
 
@@ -248,29 +248,39 @@ def test_only_large_aligned_pieces_are_written_direct(tmp_path, monkeypatch):
     from pipeline.buffers import scratch
     from pipeline.plan import OutputArray
 
-    if not getattr(os, "O_DIRECT", 0):
-        pytest.skip("no O_DIRECT on this platform")
-    real, writes = store._write_all, []
+    probe = tmp_path / "probe"
+    probe.touch()
+    fd = store._open_direct(probe)
+    if fd is None:
+        pytest.skip("this filesystem (or platform) has no O_DIRECT")
+    os.close(fd)
+    real_write, real_open, writes, opens = store._write_all, store._open_direct, [], []
 
     def write_all(fd, data, offset):
         if len(data):
             writes.append((bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT), len(data)))
-        return real(fd, data, offset)
+        return real_write(fd, data, offset)
+
+    def open_direct(path):
+        opens.append(path)
+        return real_open(path)
 
     rows = store.DIRECT_MIN // 4096  # rows of 4 KiB
-    spec = OutputArray("device-000", "a", (rows + 1, 1024), "float32")
+    spec = OutputArray("device-000", "a", (rows + 2, 1024), "float32")
     store.create_store(tmp_path, "device-000", {})
     monkeypatch.setattr(store, "_write_all", write_all)
+    monkeypatch.setattr(store, "_open_direct", open_direct)
     w = store.ArrayWriter(tmp_path, spec)
-    assert w.direct is None  # not opened before a large piece arrives
     block = scratch("out", spec.shape, np.dtype(np.float32))
     block[...] = 1
     w.rows(0, block[:1])  # 4 KiB: buffered
-    w.rows(1, block[1:])  # DIRECT_MIN bytes: direct
+    assert w.direct is None and opens == []  # not opened before a large piece arrives
+    w.rows(1, block[1 : rows + 1])  # DIRECT_MIN bytes: direct
+    assert w.direct is not None
+    w.rows(rows + 1, block[rows + 1 :])  # 4 KiB again: buffered, though the descriptor is open
     w.finish()
-    if w.direct is None and not any(d for d, _ in writes):
-        pytest.skip("this filesystem has no O_DIRECT")
-    assert writes == [(False, 4096), (True, store.DIRECT_MIN)]
+    assert writes == [(False, 4096), (True, store.DIRECT_MIN), (False, 4096)]
+    assert len(opens) == 1
 
 
 def test_a_filesystem_refusing_direct_writes_falls_back(tiny_ckpt, tmp_path, monkeypatch):
@@ -337,3 +347,28 @@ def test_fused_kv_evidence_is_measured_and_recorded(tiny_ckpt, tmp_path):
     )
     c = rec["checks"]["fused_kv"]
     assert c["fused_saturated"] < 0.9 * c["fused_blocks"]
+
+
+def test_only_the_console_script_freezes_the_collector(tiny_ckpt, tmp_path):
+    """``mimo-shard`` freezes its imports for the garbage collector (a faster exit); ``main``
+    called in-process, as the tests do, leaves the collector as it found it."""
+    import gc
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    before = gc.get_freeze_count()
+    res = CliRunner().invoke(main, [str(tiny_ckpt), str(tmp_path / "a"), "--devices", "1"])
+    assert res.exit_code == 0 and gc.get_freeze_count() == before
+    probe = (
+        "import atexit, gc, sys; from pipeline.cli import entry; "
+        "atexit.register(lambda: print(gc.get_freeze_count(), file=sys.stderr)); entry()"
+    )
+    args = [str(tiny_ckpt), str(tmp_path / "b"), "--devices", "1", "--quiet"]
+    run = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, check=True
+    )
+    assert int(run.stderr.split()[-1]) > 1000  # the converter's modules and numba's objects
