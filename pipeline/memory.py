@@ -1,39 +1,138 @@
 """The converter's memory model: an upper estimate of what a unit, and a run, hold at once.
 
+A worker thread keeps one reusable buffer per role (:mod:`pipeline.buffers`): ``read`` for
+source bytes, ``out`` for the output being built, ``grid`` for FP8 expert scale slabs. A buffer
+grows to the largest request of its role and stays, so a worker holds at most, per role, the
+largest request any unit makes of it, plus the unit's short-lived arrays (``other``: a cast, the
+fused K/V evidence's slices, re-encoded codes). :func:`unit_buffers` sizes those requests from the
+plan as the transforms do; a test runs every unit of a conversion and checks what it really asked
+for against it.
+
 ``mimo-shard --dry-run`` prints :func:`peak_memory`; the benchmark compares it with the measured
 peak RSS.
 """
 
 from __future__ import annotations
 
+import math
+
 from loader.format import LOGICAL_DTYPES
-from pipeline.buffers import POOL_BYTES
+from mimo.config import MiMoConfig
+from pipeline import buffers, reading, transforms
+from pipeline.inventory import F8, ITEMSIZE, HubTensor
 from pipeline.plan import Plan, Unit
-from pipeline.reading import CHUNK_BYTES
-from pipeline.transforms import COPY_BYTES, IN_MEMORY_LIMIT
 
-BASELINE_RSS = 320 << 20  # interpreter, numpy, zarr, tqdm, numba and its compiled kernels
+BASELINE_RSS = 192 << 20  # interpreter, NumPy, numba and its kernels, tqdm: 155-165 MB measured
+ROLES = ("read", "out", "grid", "other")
+_STORED = {"bfloat16": "BF16", "float32": "F32"}  # a copy from this stored dtype needs no cast
 
 
-def working_set(unit: Unit, source_shapes: dict[str, tuple[int, ...]]) -> int:
-    """Bytes a unit holds at once: its in-memory output (or output band) and one source chunk
-    (raw rows, or FP8 codes read in chunks)."""
-    out = max(a.nbytes for a in unit.outputs)
-    if unit.transform == "transpose_split":
-        rows, cols = source_shapes[unit.inputs["w"][0]]
-        out = rows * cols * LOGICAL_DTYPES[unit.outputs[0].dtype].itemsize
-    elif unit.transform == "copy":
-        out = min(out, COPY_BYTES)  # streamed in steps
-    elif unit.transform == "transpose":
-        out = min(out, IN_MEMORY_LIMIT)  # in bands of output rows
-    elif unit.transform.startswith("experts_"):
-        out = out // unit.outputs[0].shape[0]  # one expert's slab at a time
-    return out + CHUNK_BYTES
+def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> dict[str, int]:
+    """The largest request ``unit`` makes of each role in ``ROLES``, in bytes."""
+    spec = unit.outputs[0]
+    size = LOGICAL_DTYPES[spec.dtype].itemsize
+    need = dict.fromkeys(ROLES, 0)
+    pieces = _pieces(unit, tensors, cfg)
+    if unit.transform == "copy":
+        t = tensors[pieces[0][0]]
+        row = math.prod(spec.shape[1:])
+        step = min(spec.shape[0], _rows_per_step(t, size, transforms.COPY_BYTES))
+        need["out"] = step * row * size
+        if {t.dtype, *t.accepts} != {_STORED[spec.dtype]}:  # a cast: raw rows are read first
+            need["read"] = step * row * _widest(t)
+    elif unit.transform == "split_rows":
+        t = tensors[pieces[0][0]]
+        values = max(b - a for a, b in unit.params["source_rows"]) * math.prod(t.shape[1:])
+        need["read"], need["other"] = values * _widest(t), values * size  # raw rows, their cast
+    elif unit.transform.startswith("experts_") and spec.dtype in transforms.FP8_ENCODINGS:
+        codes, scales = unit.outputs
+        need["out"] = codes.nbytes // codes.shape[0]  # one expert's codes slab
+        need["grid"] = scales.nbytes // scales.shape[0]
+        rows, cols = max((tensors[n].shape for n, _, _ in pieces), key=math.prod)
+        need["read"] = rows * (cols + reading.ROW_PAD)  # a whole tensor's codes
+        if spec.dtype == "float8_e4m3":  # the re-encode's temporaries: a contiguous copy,
+            need["other"] = 5 * rows * cols  # lookups and masks, five code-sized arrays at most
+    else:  # transposed outputs: each piece's rows read in steps
+        need["read"] = max(_step_bytes(tensors[n], b - a, size) for n, a, b in pieces)
+        need["out"] = _out_bytes(unit, tensors)
+        if unit.transform == "qkv":  # the fused K/V evidence reads the K and V slices whole
+            need["other"] = sum(
+                (b - a) * math.prod(tensors[n].shape[1:]) * _widest(tensors[n])
+                for n, a, b in pieces[1:]
+            )
+    return need
+
+
+def working_set(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> int:
+    """Bytes ``unit`` holds at once: its requests of every role."""
+    return sum(unit_buffers(unit, tensors, cfg).values())
 
 
 def peak_memory(plan: Plan, workers: int) -> int:
-    """An upper estimate of peak RSS: a baseline plus, per worker, its bounded buffer pool or the
-    largest unit's working set, whichever is larger."""
-    shapes = {n: s.shape for n, s in plan.inventory.items()}
-    largest = max(working_set(u, shapes) for u in plan.units)
-    return BASELINE_RSS + workers * max(POOL_BYTES, largest)
+    """An upper estimate of peak RSS: a baseline plus, per worker, the largest request of each
+    buffer role over all units (what a worker's buffers can grow to; at most
+    ``buffers.POOL_BYTES`` beyond the unit it runs) and the largest short-lived arrays."""
+    per_role = dict.fromkeys(ROLES, 0)
+    largest = 0
+    for unit in plan.units:
+        need = unit_buffers(unit, plan.inventory, plan.config)
+        largest = max(largest, sum(need.values()))
+        for role, n in need.items():
+            per_role[role] = max(per_role[role], n)
+    kept = sum(n for role, n in per_role.items() if role != "other")
+    return BASELINE_RSS + workers * (min(kept, buffers.POOL_BYTES + largest) + per_role["other"])
+
+
+def _pieces(
+    unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig
+) -> list[tuple[str, int, int]]:
+    """(tensor, first row, end row) of each source read of ``unit``."""
+    if unit.transform == "qkv":
+        layer = cfg.layer(unit.params["layer"])
+        d, dv = layer.head_dim, layer.v_head_dim
+        (h0, h1), (g0, g1) = unit.params["q_heads"], unit.params["kv_heads"]
+        q, k, v = (unit.inputs[key][0] for key in ("q", "k", "v"))
+        return [(q, h0 * d, h1 * d), (k, g0 * d, g1 * d), (v, g0 * dv, g1 * dv)]
+    rows = unit.params.get("source_rows") if unit.transform != "split_rows" else None
+    names = [n for group in unit.inputs.values() for n in group]
+    return [(n, *(rows or (0, tensors[n].shape[0]))) for n in names]
+
+
+def _widest(t: HubTensor) -> int:
+    """Bytes per value of ``t`` in the widest dtype a valid checkpoint may store it in."""
+    return max(ITEMSIZE[d] for d in (t.dtype, *t.accepts))
+
+
+def _rows_per_step(t: HubTensor, itemsize: int, nbytes: int) -> int:
+    """Rows of ``t`` per step for ``nbytes`` of output (``UnitContext.rows_per_chunk``)."""
+    row = math.prod(t.shape[1:]) * itemsize if len(t.shape) > 1 else 1
+    return max(128, nbytes // max(row, 1) // 128 * 128)
+
+
+def _step_bytes(t: HubTensor, rows: int, itemsize: int) -> int:
+    """``read`` bytes of one step of ``UnitContext.transposed_rows`` over ``rows`` rows of ``t``
+    (FP8 codes in rows ``ROW_PAD`` apart, or raw float rows: whichever ``t`` may be stored as)."""
+    step = min(rows, _rows_per_step(t, itemsize, reading.CHUNK_BYTES))
+    width = math.prod(t.shape[1:])
+    need = step * width * _widest(t)
+    if F8 in (t.dtype, *t.accepts):
+        need = max(need, step * (width + reading.ROW_PAD))
+    return need
+
+
+def _out_bytes(unit: Unit, tensors: dict[str, HubTensor]) -> int:
+    """``out`` bytes of a transposed output: the whole output, a band of it, or one expert's."""
+    spec = unit.outputs[0]
+    size = LOGICAL_DTYPES[spec.dtype].itemsize
+    if unit.transform == "transpose_split":
+        rows, cols = tensors[unit.inputs["w"][0]].shape
+        return rows * cols * size  # the whole transposed weight, cut afterwards
+    if unit.transform == "transpose" and spec.nbytes > transforms.IN_MEMORY_LIMIT:
+        row = spec.shape[1] * size  # a band of whole output rows (transforms._transpose)
+        align = transforms.BAND_ALIGN
+        return (
+            min(spec.shape[0], max(align, transforms.IN_MEMORY_LIMIT // row // align * align)) * row
+        )
+    if unit.transform.startswith("experts_"):
+        return spec.nbytes // spec.shape[0]  # one expert's slab at a time
+    return spec.nbytes
