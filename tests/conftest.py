@@ -1,7 +1,10 @@
-"""Shared fixtures: synthetic checkpoints written once per test session."""
+"""Shared fixtures: synthetic checkpoints written once per test session; a full-disk fault."""
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,3 +29,16 @@ def tiny_mtp_ckpt(tmp_path_factory) -> Path:
     return write_checkpoint(
         tmp_path_factory.mktemp("tiny-mtp"), preset_config("tiny"), seed=0, mtp=True, progress=False
     )
+
+
+def disk_full_after(writes: int) -> Callable[[int, object, int], int]:
+    """An ``os.pwrite`` that writes the first ``writes`` calls, then fails with ENOSPC."""
+    real, calls = os.pwrite, [0]
+
+    def pwrite(fd: int, data, offset: int) -> int:
+        calls[0] += 1
+        if calls[0] > writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    return pwrite

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import struct
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
+from tests.conftest import disk_full_after
 
 
 @pytest.fixture()
@@ -185,15 +185,8 @@ def test_full_disk_is_reported_and_resumable(ckpt, tmp_path, monkeypatch):
 
     import pipeline.store as store
 
-    real, calls = os.pwrite, {"n": 0}
-
-    def pwrite(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 40:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(store.os, "pwrite", pwrite)
+    real = os.pwrite
+    monkeypatch.setattr(store.os, "pwrite", disk_full_after(40))
     out = tmp_path / "out"
     text = fails(ckpt, out, "No space left on device", "resumed")
     assert "Traceback" not in text

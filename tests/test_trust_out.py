@@ -18,6 +18,7 @@ from pipeline.convert import convert
 from pipeline.errors import InputError
 from pipeline.journal import OutputDir
 from pipeline.source import LocalSource
+from tests.conftest import disk_full_after
 
 
 def shard(ckpt: Path, out: Path, devices: int = 2, **kw):
@@ -43,17 +44,9 @@ def tree(root: Path) -> dict[str, tuple[int, int, int]]:
 @pytest.fixture()
 def interrupted(tiny_ckpt, tmp_path, monkeypatch) -> Path:
     """An output whose conversion failed midway (a full disk): resumable, no manifest."""
-    real, calls = os.pwrite, {"n": 0}
-
-    def pwrite(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 40:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, offset)
-
     out = tmp_path / "out"
     with monkeypatch.context() as m:
-        m.setattr(os, "pwrite", pwrite)
+        m.setattr(os, "pwrite", disk_full_after(40))
         with pytest.raises(OSError):
             shard(tiny_ckpt, out)
     assert (out / ".mimo-shard" / "run.json").is_file() and not (out / "manifest.json").exists()
