@@ -234,8 +234,6 @@ def main(
         fail(PROG, f"--workers {workers}: must be >= 1")
     workers = workers or default_workers()
     try:
-        if dry_run and expert_map is not None:
-            raise InputError("--expert-map: not supported with --dry-run (the plan is contiguous)")
         if dry_run:
             _dry_run(
                 source,
@@ -250,6 +248,7 @@ def main(
                 cache_dir,
                 (max_seq_len, int(lnc)),
                 (hosts, host_rank, host_devices),
+                expert_map,
             )
             return
         if config_file is not None or as_json:
@@ -321,11 +320,11 @@ def main(
 
 def _dry_run(
     source, config_file, devices, dtypes, layers, experts, workers, as_json, revision, cache_dir,
-    serving, host_options=(None, None, None),
+    serving, host_options=(None, None, None), expert_map=None,
 ):
     dtype, expert_dtype = dtypes
     max_seq_len, lnc = serving
-    from pipeline.convert import make_plan, needed_tensors
+    from pipeline.convert import make_plan, needed_tensors, with_expert_map
     from pipeline.hosts import host_selection, host_table
     from pipeline.memory import peak_memory
     from pipeline.report import plan_report, plan_summary
@@ -339,12 +338,14 @@ def _dry_run(
         except ConfigError as e:
             raise InputError(str(e)) from None
         options = make_options(cfg, devices, dtype, layers, experts, expert_dtype)
+        if expert_map is not None:
+            options = with_expert_map(options, cfg, expert_map)
         plan, origin = build_plan(cfg, options), {"config": config_file.name}
     else:
         if source is None:
             raise InputError("SOURCE is required (or --config FILE)")
         src = _source(source, revision, cache_dir, False, None)
-        plan, _ = make_plan(src, devices, dtype, layers, experts, expert_dtype)
+        plan, _ = make_plan(src, devices, dtype, layers, experts, expert_dtype, expert_map)
         checked = open_checked(src, needed_tensors(plan), plan.inventory)  # headers: validates
         origin = src.describe()
     count, rank, held = host_selection(devices, *host_options)

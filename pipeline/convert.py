@@ -21,13 +21,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from loader.format import FORMAT, FORMAT_VERSION, chunk_path, store_dir
+from mimo.config import MiMoConfig
 from pipeline.errors import InputError
 from pipeline.hosts import select_units, tensor_ranges, with_hosts
 from pipeline.journal import OutputDir, atomic_write, sync_filesystem
@@ -38,7 +39,7 @@ from pipeline.manifest import (
     now,
     table_bytes,
 )
-from pipeline.plan import Plan, Unit, build_plan, make_options
+from pipeline.plan import Options, Plan, Unit, build_plan, make_options
 from pipeline.reading import UnitContext
 from pipeline.scheduler import Records, run_units
 from pipeline.source import EXTRA_FILES, Reader, Source, ValidatedSource, load_config, open_checked
@@ -88,17 +89,22 @@ def make_plan(
     raw, cfg = load_config(source)
     options = make_options(cfg, devices, dtype, layers, experts, expert_dtype)
     if expert_map is not None:
-        from dataclasses import replace
-
-        from pipeline.placement import read_map
-
-        present = list(options.experts) if options.experts is not None else None
-        emap = read_map(expert_map, cfg, devices, present)
-        custom = make_options(cfg, devices, expert_map=emap).expert_map
-        options = replace(options, expert_map=custom)
+        options = with_expert_map(options, cfg, expert_map)
     if hosts is not None:
         options = with_hosts(options, *hosts)
     return select_units(build_plan(cfg, options)), raw
+
+
+def with_expert_map(options: Options, cfg: MiMoConfig, expert_map: Path) -> Options:
+    """``options`` placing experts as the expert-map file ``expert_map`` says (checked against
+    the config, the device count and the experts converted: :func:`pipeline.placement.read_map`).
+    """
+    from pipeline.placement import read_map
+
+    present = list(options.experts) if options.experts is not None else None
+    emap = read_map(expert_map, cfg, options.devices, present)
+    custom = make_options(cfg, options.devices, expert_map=emap).expert_map
+    return replace(options, expert_map=custom)
 
 
 def needed_tensors(plan: Plan) -> list[str]:

@@ -163,6 +163,34 @@ def replicating_map(devices: int) -> dict:
     return _map(devices, {"1": blocks, "2": blocks[::-1], "6": blocks})
 
 
+@pytest.mark.parametrize("given", ["source", "config"])
+def test_dry_run_with_an_expert_map_plans_what_the_conversion_writes(tiny_ckpt, tmp_path, given):
+    """The dry run of a replicating map reports the bytes and arrays the conversion with that map
+    writes, from SOURCE or from --config alone; more per device than the contiguous plan."""
+    emap = tmp_path / "map.json"
+    emap.write_text(json.dumps(replicating_map(4)))
+    where = [str(tiny_ckpt)] if given == "source" else ["--config", str(tiny_ckpt / "config.json")]
+
+    def dry_run(*extra: str) -> dict:
+        res = CliRunner().invoke(shard_main, [*where, "-n", "4", "--dry-run", "--json", *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    planned, contiguous = dry_run("--expert-map", str(emap)), dry_run()
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        shard_main, [str(tiny_ckpt), str(out), "-n", "4", "--expert-map", str(emap), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    devices = [v["bytes"] for k, v in m["stores"].items() if k != "shared"]
+    assert planned["bytes"]["per_device_max"] == max(devices)
+    assert planned["bytes"]["total"] == m["totals"]["bytes"]
+    assert planned["arrays"] == m["totals"]["arrays"]
+    assert planned["bytes"]["per_device_max"] > contiguous["bytes"]["per_device_max"]
+    assert planned["options"]["expert_map_sha256"] == m["options"]["expert_map_sha256"]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt) -> np.ndarray:
     return oracle_logits(load_transformers_model(tiny_ckpt), PROMPT)
