@@ -7,6 +7,8 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import click
 
@@ -198,112 +200,27 @@ class _ShardCommand(OneLineUsage):
     "counts) instead of failing.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def main(
-    source,
-    out,
-    devices,
-    dtype,
-    expert_dtype,
-    layers,
-    experts,
-    workers,
-    dry_run,
-    config_file,
-    as_json,
-    max_seq_len,
-    lnc,
-    force,
-    revision,
-    cache_dir,
-    delete_source_files,
-    max_source_disk,
-    expert_map,
-    hosts,
-    host_rank,
-    host_devices,
-    allow_nonfinite,
-    quiet,
-) -> None:
+def main(**options: Any) -> None:
     """Convert the MiMo-V2-Flash checkpoint SOURCE (folder or Hub repo id) into stores in OUT.
 
     A SOURCE holding manifest.json is a mimo-shard output: OUT is rebuilt from its arrays for
     --devices (and --expert-map), keeping its other options. `mimo-shard plan-experts STATS
     --devices N -o MAP` writes an --expert-map from routing statistics.
     """
-    if workers is not None and workers < 1:
-        fail(PROG, f"--workers {workers}: must be >= 1")
-    workers = workers or default_workers()
+    o = SimpleNamespace(**options)  # one attribute per option, named as the parameters above
+    if o.workers is not None and o.workers < 1:
+        fail(PROG, f"--workers {o.workers}: must be >= 1")
+    o.workers = o.workers or default_workers()
     try:
-        if dry_run:
-            _dry_run(
-                source,
-                config_file,
-                devices,
-                (dtype, expert_dtype),
-                layers,
-                experts,
-                workers,
-                as_json,
-                revision,
-                cache_dir,
-                (max_seq_len, int(lnc)),
-                (hosts, host_rank, host_devices),
-                expert_map,
-            )
-            return
-        if config_file is not None or as_json:
+        if o.dry_run:
+            return _dry_run(o)
+        if o.config_file is not None or o.as_json:
             raise InputError("--config and --json go with --dry-run")
-        if source is None or out is None:
+        if o.source is None or o.out is None:
             raise InputError("SOURCE and OUT are required (or --dry-run --config FILE)")
-        if Path(source, "manifest.json").is_file():  # an output: reshard it
-            from pipeline.reshard import reshard
-
-            _freeze_imports()
-
-            ctx = click.get_current_context()
-            given = {
-                k: v
-                for k, v in (
-                    ("dtype", dtype),
-                    ("expert_dtype", expert_dtype),
-                    ("layers", layers),
-                    ("experts", experts),
-                )
-                if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
-            }
-            summary = reshard(
-                Path(source), out, devices, expert_map=expert_map, given=given,
-                workers=workers, force=force, progress=not quiet,
-            )
-            click.echo(summary.line())
-            return
-        from pipeline.convert import convert
-        from pipeline.hosts import host_selection
-
-        _freeze_imports()
-
-        host_sel = host_selection(devices, hosts, host_rank, host_devices)
-        src = _source(
-            source, revision, cache_dir, delete_source_files, max_source_disk, progress=not quiet
-        )
-        summary = convert(
-            src,
-            out,
-            devices,
-            dtype=dtype,
-            layers=layers,
-            experts=experts,
-            expert_dtype=expert_dtype,
-            workers=workers,
-            force=force,
-            progress=not quiet,
-            expert_map=expert_map,
-            hosts=host_sel if host_sel[2] is not None else None,
-            allow_nonfinite=allow_nonfinite,
-        )
-        click.echo(summary.line())
-        for warning in summary.warnings:
-            click.echo(f"mimo-shard: warning: {warning}", err=True)
+        if Path(o.source, "manifest.json").is_file():  # an output: reshard it
+            return _reshard(o)
+        _convert(o)
     except (InputError, ConfigError) as e:
         fail(PROG, str(e))
     except OSError as e:
@@ -318,44 +235,93 @@ def main(
         sys.exit(130)
 
 
-def _dry_run(
-    source, config_file, devices, dtypes, layers, experts, workers, as_json, revision, cache_dir,
-    serving, host_options=(None, None, None), expert_map=None,
-):
-    dtype, expert_dtype = dtypes
-    max_seq_len, lnc = serving
+def _convert(o: SimpleNamespace) -> None:
+    """SOURCE (a checkpoint) into OUT."""
+    from pipeline.convert import convert
+    from pipeline.hosts import host_selection
+
+    _freeze_imports()
+    hosts = host_selection(o.devices, o.hosts, o.host_rank, o.host_devices)
+    src = _source(
+        o.source, o.revision, o.cache_dir, o.delete_source_files, o.max_source_disk, not o.quiet
+    )
+    summary = convert(
+        src,
+        o.out,
+        o.devices,
+        dtype=o.dtype,
+        layers=o.layers,
+        experts=o.experts,
+        expert_dtype=o.expert_dtype,
+        workers=o.workers,
+        force=o.force,
+        progress=not o.quiet,
+        expert_map=o.expert_map,
+        hosts=hosts if hosts[2] is not None else None,
+        allow_nonfinite=o.allow_nonfinite,
+    )
+    click.echo(summary.line())
+    for warning in summary.warnings:
+        click.echo(f"mimo-shard: warning: {warning}", err=True)
+
+
+def _reshard(o: SimpleNamespace) -> None:
+    """SOURCE (a mimo-shard output) rebuilt into OUT for --devices (and --expert-map); the
+    options given on the command line must agree with SOURCE's."""
+    from pipeline.reshard import reshard
+
+    _freeze_imports()
+    ctx = click.get_current_context()
+    given = {
+        k: getattr(o, k)
+        for k in ("dtype", "expert_dtype", "layers", "experts")
+        if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
+    }
+    summary = reshard(
+        Path(o.source), o.out, o.devices, expert_map=o.expert_map, given=given,
+        workers=o.workers, force=o.force, progress=not o.quiet,
+    )
+    click.echo(summary.line())
+
+
+def _dry_run(o: SimpleNamespace) -> None:
+    """The plan of SOURCE (config, index and headers only) or of --config alone."""
     from pipeline.convert import make_plan, needed_tensors, with_expert_map
     from pipeline.hosts import host_selection, host_table
     from pipeline.memory import peak_memory
     from pipeline.report import plan_report, plan_summary
     from pipeline.source import open_checked
 
-    if config_file is not None:
-        if source is not None:
+    if o.config_file is not None:
+        if o.source is not None:
             raise InputError("--config replaces SOURCE: give one or the other")
         try:
-            cfg = MiMoConfig.from_file(config_file)
+            cfg = MiMoConfig.from_file(o.config_file)
         except ConfigError as e:
             raise InputError(str(e)) from None
-        options = make_options(cfg, devices, dtype, layers, experts, expert_dtype)
-        if expert_map is not None:
-            options = with_expert_map(options, cfg, expert_map)
-        plan, origin = build_plan(cfg, options), {"config": config_file.name}
+        options = make_options(cfg, o.devices, o.dtype, o.layers, o.experts, o.expert_dtype)
+        if o.expert_map is not None:
+            options = with_expert_map(options, cfg, o.expert_map)
+        plan, origin = build_plan(cfg, options), {"config": o.config_file.name}
     else:
-        if source is None:
+        if o.source is None:
             raise InputError("SOURCE is required (or --config FILE)")
-        src = _source(source, revision, cache_dir, False, None)
-        plan, _ = make_plan(src, devices, dtype, layers, experts, expert_dtype, expert_map)
+        src = _source(o.source, o.revision, o.cache_dir, False, None)
+        plan, _ = make_plan(
+            src, o.devices, o.dtype, o.layers, o.experts, o.expert_dtype, o.expert_map
+        )
         checked = open_checked(src, needed_tensors(plan), plan.inventory)  # headers: validates
         origin = src.describe()
-    count, rank, held = host_selection(devices, *host_options)
-    summary = plan_summary(plan, workers, peak_memory(plan, workers), origin, max_seq_len, lnc)
+    count, rank, held = host_selection(o.devices, o.hosts, o.host_rank, o.host_devices)
+    summary = plan_summary(
+        plan, o.workers, peak_memory(plan, o.workers), origin, o.max_seq_len, int(o.lnc)
+    )
     if count > 1 or held is not None:
         summary["hosts"] = host_table(
-            plan, count, None if host_options[2] is None else {rank: held},
-            checked if config_file is None else None,
+            plan, count, None if o.host_devices is None else {rank: held},
+            checked if o.config_file is None else None,
         )
-    if as_json:
+    if o.as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
         click.echo(plan_report(summary))
