@@ -34,7 +34,6 @@ repository, the revision and the file.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import re
@@ -75,6 +74,7 @@ from huggingface_hub.utils import (
 )
 from tqdm import tqdm
 
+from pipeline import ranges
 from pipeline.errors import InputError
 from pipeline.hosts import download_rule
 from pipeline.safetensors_io import Header, SizeMismatch, header_length, parse_header
@@ -82,12 +82,10 @@ from pipeline.safetensors_io import Header, SizeMismatch, header_length, parse_h
 LIBRARY = "mimo-shard"
 DEFAULT_WINDOW = 2  # with delete_files and no max_disk: files on disk at once (one converting,
 # one downloading)
-SHA256 = re.compile(r"[0-9a-f]{64}")
 GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(?:e(\d+))?\s*([kmgtp]?)(i?)b?", re.IGNORECASE)
 HELD = ("downloading", "verifying", "ready")  # states of a file whose bytes are on disk
 HEADER_THREADS = 8  # headers read at once
-SPAN_BYTES = 64 << 20  # adjacent tensors fetched in one range request, up to this many bytes
 RANGES_DIR = "mimo-shard-ranges"  # under the cache: sparse files of range-fetched tensors
 
 
@@ -348,7 +346,7 @@ class HubSource:
         if self.delete_files and st.path is not None:
             self._remove(st.path, keep_blob=os.path.realpath(st.path) in shared)
             if file in self._ranges:
-                _sidecar(st.path).unlink(missing_ok=True)
+                ranges.sidecar(st.path).unlink(missing_ok=True)
         with self._cond:
             st.state = "released"
             self._cond.notify_all()
@@ -468,12 +466,8 @@ class HubSource:
             raise self._error(e, file) from None
 
     def _download_ranges(self, file: str) -> Path:
-        """A sparse file of ``file``'s size holding the bytes of its wanted tensors.
-
-        Adjacent tensors are fetched in one range request (up to ``SPAN_BYTES``); each answer
-        must have exactly the length the header's offsets give. Tensors listed in the side file
-        by an earlier run are reused when their bytes on disk still hash to the recorded sha256.
-        """
+        """A sparse file of ``file``'s size holding the bytes of its wanted tensors
+        (:func:`pipeline.ranges.fill`), under the cache's ``RANGES_DIR``."""
         tensors = self._ranges[file]
         where = self._where(file)
         cache, folder = self._storage()
@@ -482,32 +476,14 @@ class HubSource:
         lock = cache / ".locks" / RANGES_DIR / folder / f"{self.sha}-{file.replace('/', '--')}.lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         with WeakFileLock(lock):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                if os.fstat(fd).st_size != self._size(file):
-                    os.ftruncate(fd, self._size(file))  # sparse: only fetched ranges use disk
-                done = _reusable(fd, _read_sidecar(path), tensors)
-                for t, (a, b) in tensors.items():
-                    if a == b:
-                        done[t] = hashlib.sha256(b"").hexdigest()
-                todo = sorted((r, t) for t, r in tensors.items() if t not in done)
-                for span in _spans(todo):
-                    start, end = span[0][0][0], span[-1][0][1]
-                    data = self._read_range(file, start, end - start)
-                    if len(data) != end - start:
-                        raise InputError(
-                            f"{where}: the Hub sent {len(data)} of the {end - start} bytes at "
-                            f"offset {start} (tensor '{span[0][1]}'); rerun to fetch it again"
-                        )
-                    _pwrite_all(fd, data, start)
-                    os.fsync(fd)
-                    for (a, b), t in span:
-                        done[t] = hashlib.sha256(data[a - start : b - start]).hexdigest()
-                    _write_sidecar(path, done)
-                    if self._bar is not None:
-                        self._bar.update(len(data))
-            finally:
-                os.close(fd)
+            done = ranges.fill(
+                path,
+                self._size(file),
+                tensors,
+                lambda start, length: self._read_range(file, start, length),
+                where,
+                self._bar.update if self._bar is not None else None,
+            )
         with self._cond:
             self._tensor_sha.update({t: done[t] for t in tensors})
         return path
@@ -556,7 +532,7 @@ class HubSource:
             meta = self._meta.get(file)
         blob = Path(os.path.realpath(path))
         etag = meta.etag if meta is not None and meta.etag else blob.name
-        if SHA256.fullmatch(etag):
+        if ranges.SHA256.fullmatch(etag):
             kind, digest = "sha256", _digest(path, hashlib.sha256())
         elif GIT_SHA1.fullmatch(etag):  # a file stored in git, not LFS: its git blob id
             h = hashlib.sha1(usedforsecurity=False)
@@ -676,62 +652,6 @@ class HubSource:
 def _again(e: BaseException) -> BaseException:
     """``e`` to raise in one more thread (an InputError is copied: tracebacks are per raise)."""
     return InputError(str(e)) if isinstance(e, InputError) else e
-
-
-def _spans(
-    todo: list[tuple[tuple[int, int], str]],
-) -> list[list[tuple[tuple[int, int], str]]]:
-    """Sorted (range, tensor) pairs grouped into runs of adjacent ranges of <= SPAN_BYTES."""
-    spans: list[list[tuple[tuple[int, int], str]]] = []
-    for (a, b), t in todo:
-        last = spans[-1] if spans else None
-        if last and last[-1][0][1] == a and b - last[0][0][0] <= SPAN_BYTES:
-            last.append(((a, b), t))
-        else:
-            spans.append([((a, b), t)])
-    return spans
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".ranges.json")
-
-
-def _read_sidecar(path: Path) -> dict[str, str]:
-    """Tensor -> sha256 of the tensors an earlier run wrote into ``path`` (empty if unknown)."""
-    try:
-        data = json.loads(_sidecar(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(v, str) and SHA256.fullmatch(v)}
-
-
-def _write_sidecar(path: Path, done: dict[str, str]) -> None:
-    side = _sidecar(path)
-    tmp = side.with_name(side.name + ".tmp")
-    tmp.write_text(json.dumps(done, sort_keys=True))
-    os.replace(tmp, side)
-
-
-def _reusable(fd: int, recorded: dict[str, str], wanted: dict[str, tuple[int, int]]) -> dict:
-    """The recorded tensors among ``wanted`` whose bytes in ``fd`` still hash as recorded."""
-    ok: dict[str, str] = {}
-    for t, sha in recorded.items():
-        if t in wanted:
-            a, b = wanted[t]
-            if hashlib.sha256(os.pread(fd, b - a, a)).hexdigest() == sha:
-                ok[t] = sha
-        else:
-            ok[t] = sha  # another run's tensor: keep its entry
-    return ok
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def _digest(path: Path, h: Any) -> str:
