@@ -14,8 +14,8 @@ The source is read once first so every side reads it from the page cache; floors
 conversions alternate ``--repeats`` times and the best of each is kept (the machine is shared).
 
 Also measured: the start-up (a new interpreter importing the converter), this machine's speed-up
-from 1 to 2 threads for arithmetic and for a memory-bound copy (the ceiling of any 2-worker
-speed-up here), the per-array metadata cost (zarr-python's ``create_array`` against the
+from 1 to 2 threads for arithmetic and for a memory-bound copy (both vary from run to run: the
+second vCPU is shared), the per-array metadata cost (zarr-python's ``create_array`` against the
 converter's direct ``zarr.json`` writes), one core's rate of the FP8 -> BF16 kernel (GB/s of BF16
 output) and of the FP8 expert code copy, the kernel's speed-up from 1 to 2 threads, and the
 checksum (CRC32). Last, a projection for the real model from the plans in

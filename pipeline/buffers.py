@@ -4,8 +4,8 @@ Touching fresh pages is the slow part of a large temporary array (especially on 
 memory back to the host), so each worker thread keeps its buffers and reuses them, unit after unit.
 A buffer is named by its role, not its dtype: the same bytes serve every dtype and shape asked of
 that name, so a thread needs only as much memory as its largest unit asks of each role at once
-(the converter uses ``read`` for source bytes and ``out`` for the output being built, plus
-``grid`` and ``idx`` for small FP8 scale work).
+(the converter uses ``read`` for source bytes, ``out`` for the output being built and ``grid``
+for FP8 expert scale slabs; the NumPy reference dequantisation uses ``idx``).
 A thread's pool holds at most ``POOL_BYTES`` (or just one buffer, if that alone is larger): beyond
 that the least recently used buffers are dropped, never the one being handed out (a unit still
 using a dropped buffer keeps it alive until it finishes). Buffers start on a 4 KiB boundary, so

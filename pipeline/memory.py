@@ -18,6 +18,7 @@ import math
 
 from loader.format import LOGICAL_DTYPES
 from mimo.config import MiMoConfig
+from mimo.names import scale_name
 from pipeline import buffers, reading, transforms
 from pipeline.inventory import F8, ITEMSIZE, HubTensor
 from pipeline.plan import Plan, Unit
@@ -51,15 +52,15 @@ def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> 
         rows, cols = max((tensors[n].shape for n, _, _ in pieces), key=math.prod)
         need["read"] = rows * (cols + reading.ROW_PAD)  # a whole tensor's codes
         if spec.dtype == "float8_e4m3":  # the re-encode's temporaries: a contiguous copy,
-            need["other"] = 5 * rows * cols  # lookups and masks, five code-sized arrays at most
+            need["other"] = 8 * rows * cols  # lookups, masks, block grids broadcast (padded)
     else:  # transposed outputs: each piece's rows read in steps
         need["read"] = max(_step_bytes(tensors[n], b - a, size) for n, a, b in pieces)
         need["out"] = _out_bytes(unit, tensors)
-        if unit.transform == "qkv":  # the fused K/V evidence reads the K and V slices whole
-            need["other"] = sum(
-                (b - a) * math.prod(tensors[n].shape[1:]) * _widest(tensors[n])
-                for n, a, b in pieces[1:]
-            )
+        need["other"] = max(_cast_bytes(tensors[n], b - a, spec.dtype) for n, a, b in pieces)
+        if unit.transform == "qkv" and _fused_kv(pieces[1][0], tensors, cfg):
+            # the fused K/V evidence: the K and V slices read whole, stacked, then masked
+            kv = sum((b - a) * math.prod(tensors[n].shape[1:]) for n, a, b in pieces[1:])
+            need["other"] = max(need["other"], 3 * kv)
     return need
 
 
@@ -118,6 +119,23 @@ def _step_bytes(t: HubTensor, rows: int, itemsize: int) -> int:
     if F8 in (t.dtype, *t.accepts):
         need = max(need, step * (width + reading.ROW_PAD))
     return need
+
+
+def _cast_bytes(t: HubTensor, rows: int, dtype: str) -> int:
+    """Short-lived arrays of one step of float rows of ``t`` stored in another dtype than the
+    output ``dtype``: the cast rows, and as much again for NumPy's working copies (measured);
+    FP8 codes are dequantised straight into the output: none."""
+    if {t.dtype, *t.accepts} - {F8} <= {_STORED[dtype]}:
+        return 0
+    size = LOGICAL_DTYPES[dtype].itemsize
+    step = min(rows, _rows_per_step(t, size, reading.CHUNK_BYTES))
+    return 2 * step * math.prod(t.shape[1:]) * size
+
+
+def _fused_kv(k: str, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> bool:
+    """Whether ``k`` (a ``k_proj`` weight) has the per-head fused K/V scale grid."""
+    grid = tensors.get(scale_name(k))
+    return grid is not None and grid.shape[0] != -(-tensors[k].shape[0] // cfg.quant.block[0])
 
 
 def _out_bytes(unit: Unit, tensors: dict[str, HubTensor]) -> int:
