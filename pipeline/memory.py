@@ -25,7 +25,7 @@ from pipeline.plan import Plan, Unit
 
 BASELINE_RSS = 192 << 20  # interpreter, NumPy, numba and its kernels, tqdm: 155-165 MB measured
 ROLES = ("read", "out", "grid", "other")
-_STORED = {"bfloat16": "BF16", "float32": "F32"}  # a copy from this stored dtype needs no cast
+_STORED = {"bfloat16": "BF16", "float32": "F32"}  # reading this stored dtype needs no cast
 
 
 def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> dict[str, int]:
@@ -37,9 +37,9 @@ def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> 
     if unit.transform == "copy":
         t = tensors[pieces[0][0]]
         row = math.prod(spec.shape[1:])
-        step = min(spec.shape[0], _rows_per_step(t, size, transforms.COPY_BYTES))
+        step = min(spec.shape[0], reading.rows_per_step(t.shape, size, transforms.COPY_BYTES))
         need["out"] = step * row * size
-        if {t.dtype, *t.accepts} != {_STORED[spec.dtype]}:  # a cast: raw rows are read first
+        if _casts(t, spec.dtype):  # raw rows are read first
             need["read"] = step * row * _widest(t)
     elif unit.transform == "split_rows":
         t = tensors[pieces[0][0]]
@@ -62,11 +62,6 @@ def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> 
             kv = sum((b - a) * math.prod(tensors[n].shape[1:]) for n, a, b in pieces[1:])
             need["other"] = max(need["other"], 3 * kv)
     return need
-
-
-def working_set(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> int:
-    """Bytes ``unit`` holds at once: its requests of every role."""
-    return sum(unit_buffers(unit, tensors, cfg).values())
 
 
 def peak_memory(plan: Plan, workers: int) -> int:
@@ -104,16 +99,10 @@ def _widest(t: HubTensor) -> int:
     return max(ITEMSIZE[d] for d in (t.dtype, *t.accepts))
 
 
-def _rows_per_step(t: HubTensor, itemsize: int, nbytes: int) -> int:
-    """Rows of ``t`` per step for ``nbytes`` of output (``UnitContext.rows_per_chunk``)."""
-    row = math.prod(t.shape[1:]) * itemsize if len(t.shape) > 1 else 1
-    return max(128, nbytes // max(row, 1) // 128 * 128)
-
-
 def _step_bytes(t: HubTensor, rows: int, itemsize: int) -> int:
     """``read`` bytes of one step of ``UnitContext.transposed_rows`` over ``rows`` rows of ``t``
     (FP8 codes in rows ``ROW_PAD`` apart, or raw float rows: whichever ``t`` may be stored as)."""
-    step = min(rows, _rows_per_step(t, itemsize, reading.CHUNK_BYTES))
+    step = min(rows, reading.rows_per_step(t.shape, itemsize))
     width = math.prod(t.shape[1:])
     need = step * width * _widest(t)
     if F8 in (t.dtype, *t.accepts):
@@ -125,11 +114,17 @@ def _cast_bytes(t: HubTensor, rows: int, dtype: str) -> int:
     """Short-lived arrays of one step of float rows of ``t`` stored in another dtype than the
     output ``dtype``: the cast rows, and as much again for NumPy's working copies (measured);
     FP8 codes are dequantised straight into the output: none."""
-    if {t.dtype, *t.accepts} - {F8} <= {_STORED[dtype]}:
+    if not _casts(t, dtype):
         return 0
     size = LOGICAL_DTYPES[dtype].itemsize
-    step = min(rows, _rows_per_step(t, size, reading.CHUNK_BYTES))
+    step = min(rows, reading.rows_per_step(t.shape, size))
     return 2 * step * math.prod(t.shape[1:]) * size
+
+
+def _casts(t: HubTensor, dtype: str) -> bool:
+    """Whether float rows of ``t`` (in any dtype a valid checkpoint may store) are cast to
+    ``dtype`` output; FP8 codes are dequantised, never cast."""
+    return not {t.dtype, *t.accepts} - {F8} <= {_STORED[dtype]}
 
 
 def _fused_kv(k: str, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> bool:
@@ -147,10 +142,7 @@ def _out_bytes(unit: Unit, tensors: dict[str, HubTensor]) -> int:
         return rows * cols * size  # the whole transposed weight, cut afterwards
     if unit.transform == "transpose" and spec.nbytes > transforms.IN_MEMORY_LIMIT:
         row = spec.shape[1] * size  # a band of whole output rows (transforms._transpose)
-        align = transforms.BAND_ALIGN
-        return (
-            min(spec.shape[0], max(align, transforms.IN_MEMORY_LIMIT // row // align * align)) * row
-        )
+        return min(spec.shape[0], transforms.band_rows(row)) * row
     if unit.transform.startswith("experts_"):
         return spec.nbytes // spec.shape[0]  # one expert's slab at a time
     return spec.nbytes

@@ -40,6 +40,13 @@ CHUNK_BYTES = 2 << 20  # source rows read per step, as output bytes (a step's FP
 ROW_PAD = 64  # bytes between FP8 code rows in the read buffer (avoids cache-set conflicts)
 
 
+def rows_per_step(shape: tuple[int, ...], itemsize: int, nbytes: int | None = None) -> int:
+    """Rows of a ``shape`` tensor giving about ``nbytes`` (default ``CHUNK_BYTES``) of output of
+    ``itemsize`` bytes per value per step: a multiple of 128 rows, at least 128."""
+    row = math.prod(shape[1:]) * itemsize if len(shape) > 1 else 1
+    return max(128, (nbytes or CHUNK_BYTES) // max(row, 1) // 128 * 128)
+
+
 def transpose_into(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """``dst[...] = src.T`` for 2-D arrays of the same dtype (compiled tiles for 1-, 2- and
     4-byte elements, :func:`pipeline.fp8_codes.transpose_bits_into`; 16-row NumPy bands else)."""
@@ -81,11 +88,8 @@ class UnitContext:
         return w
 
     def rows_per_chunk(self, name: str, dtype: str, nbytes: int | None = None) -> int:
-        """Rows of ``name`` giving about ``nbytes`` (default ``CHUNK_BYTES``) of ``dtype`` output
-        per step: a multiple of 128 rows, at least 128."""
-        shape = self.reader.shape(name)
-        row = math.prod(shape[1:]) * LOGICAL_DTYPES[dtype].itemsize if len(shape) > 1 else 1
-        return max(128, (nbytes or CHUNK_BYTES) // max(row, 1) // 128 * 128)
+        """:func:`rows_per_step` of ``name`` for ``dtype`` output."""
+        return rows_per_step(self.reader.shape(name), LOGICAL_DTYPES[dtype].itemsize, nbytes)
 
     def weight(
         self,

@@ -52,6 +52,12 @@ def _one(unit: Unit, key: str = "w") -> str:
     return name
 
 
+def band_rows(row_bytes: int) -> int:
+    """Output rows per band of a transposed output larger than ``IN_MEMORY_LIMIT`` whose rows
+    are ``row_bytes`` long: a multiple of ``BAND_ALIGN``, at least one."""
+    return max(BAND_ALIGN, IN_MEMORY_LIMIT // row_bytes // BAND_ALIGN * BAND_ALIGN)
+
+
 def _copy(ctx: UnitContext, unit: Unit) -> None:
     (spec,), name = unit.outputs, _one(unit)
     w = ctx.writer(spec)
@@ -75,10 +81,9 @@ def _transpose(ctx: UnitContext, unit: Unit) -> None:
         return
     # bands of whole output rows (source columns), each read from all source rows: every band is
     # one contiguous, block-aligned piece of the chunk file, written with direct I/O
-    row_bytes = (r1 - r0) * dt.itemsize
-    band_rows = max(BAND_ALIGN, IN_MEMORY_LIMIT // row_bytes // BAND_ALIGN * BAND_ALIGN)
-    for k0 in range(0, spec.shape[0], band_rows):
-        k1 = min(k0 + band_rows, spec.shape[0])
+    rows = band_rows((r1 - r0) * dt.itemsize)
+    for k0 in range(0, spec.shape[0], rows):
+        k1 = min(k0 + rows, spec.shape[0])
         band = scratch("out", (k1 - k0, r1 - r0), dt)
         w.rows(k0, band, ctx.transposed_rows(name, r0, r1, spec.dtype, band, cols=(k0, k1)))
 
