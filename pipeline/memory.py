@@ -55,7 +55,7 @@ def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> 
             need["other"] = 8 * rows * cols  # lookups, masks, block grids broadcast (padded)
     else:  # transposed outputs: each piece's rows read in steps
         need["read"] = max(_step_bytes(tensors[n], b - a, size) for n, a, b in pieces)
-        need["out"] = _out_bytes(unit, tensors)
+        need["out"] = _out_bytes(unit, tensors, cfg)
         need["other"] = max(_cast_bytes(tensors[n], b - a, spec.dtype) for n, a, b in pieces)
         if unit.transform == "qkv" and _fused_kv(pieces[1][0], tensors, cfg):
             # the fused K/V evidence: the K and V slices read whole, stacked, then masked
@@ -133,13 +133,16 @@ def _fused_kv(k: str, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> bool:
     return grid is not None and grid.shape[0] != -(-tensors[k].shape[0] // cfg.quant.block[0])
 
 
-def _out_bytes(unit: Unit, tensors: dict[str, HubTensor]) -> int:
-    """``out`` bytes of a transposed output: the whole output, a band of it, or one expert's."""
+def _out_bytes(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> int:
+    """``out`` bytes of a transposed output: the whole output, a band or pass of it, or one
+    expert's."""
     spec = unit.outputs[0]
     size = LOGICAL_DTYPES[spec.dtype].itemsize
-    if unit.transform == "transpose_split":
-        rows, cols = tensors[unit.inputs["w"][0]].shape
-        return rows * cols * size  # the whole transposed weight, cut afterwards
+    if unit.transform == "transpose_split":  # the largest pass of whole device slices
+        rows = tensors[unit.inputs["w"][0]].shape[0]
+        cols = [tuple(c) for c in unit.params["source_cols"]]
+        passes = transforms.split_passes(cols, rows * size, cfg.quant.block[1])
+        return max(g1 - g0 for (g0, g1), _ in passes) * rows * size
     if unit.transform == "transpose" and spec.nbytes > transforms.IN_MEMORY_LIMIT:
         row = spec.shape[1] * size  # a band of whole output rows (transforms._transpose)
         return min(spec.shape[0], transforms.band_rows(row)) * row

@@ -12,7 +12,9 @@ copy                ``w``, cast (embedding, norms, router bias)
 transpose           ``w[source_rows].T`` (router ``[H, E]``, ``lm_head`` vocabulary slices; one
                     larger than ``IN_MEMORY_LIMIT`` in bands of output rows, the source read
                     once per band)
-transpose_split     ``w.T`` cut at ``source_cols``, one array per device (``o``, dense ``down``)
+transpose_split     ``w.T`` cut at ``source_cols``, one array per device (``o``, dense ``down``);
+                    built in passes of whole device slices of about ``SPLIT_BYTES``, the
+                    source read once per pass
 split_rows          ``w[source_rows]`` per device (sinks)
 qkv                 ``[q.T | k.T | v.T]`` rows of a device's heads (fused K/V rule)
 gate_up             ``[gate[source_rows].T | up[source_rows].T]`` (dense MLP slice)
@@ -44,6 +46,7 @@ FP8_ENCODINGS = ("float8_e4m3fn", "float8_e4m3")
 
 IN_MEMORY_LIMIT = 128 << 20  # a transposed output larger than this is written in row bands
 COPY_BYTES = 32 << 20  # a copy's step: no kernel to keep in cache, and one direct write per step
+SPLIT_BYTES = 64 << 20  # a transpose_split pass: whole device slices up to this much output
 BAND_ALIGN = 128  # band rows: a multiple of the FP8 scale block (and of 8: 4 KiB-aligned offsets)
 
 
@@ -56,6 +59,26 @@ def band_rows(row_bytes: int) -> int:
     """Output rows per band of a transposed output larger than ``IN_MEMORY_LIMIT`` whose rows
     are ``row_bytes`` long: a multiple of ``BAND_ALIGN``, at least one."""
     return max(BAND_ALIGN, IN_MEMORY_LIMIT // row_bytes // BAND_ALIGN * BAND_ALIGN)
+
+
+def split_passes(
+    cols: list[tuple[int, int]], row_bytes: int, align: int
+) -> list[tuple[tuple[int, int], list[int]]]:
+    """The passes of a ``transpose_split``: ``((g0, g1), slices)`` each, the source columns one
+    pass transposes and the device slices (indices into ``cols``) cut from them.
+
+    ``cols`` are the slices' source columns (output rows of ``row_bytes`` each), in order. A pass
+    holds consecutive slices up to ``SPLIT_BYTES`` of output (at least one slice) and starts at
+    the multiple of ``align`` (an FP8 scale block) at or before its first slice.
+    """
+    passes: list[tuple[tuple[int, int], list[int]]] = []
+    for i, (c0, c1) in enumerate(cols):
+        if passes and (c1 - passes[-1][0][0]) * row_bytes <= SPLIT_BYTES:
+            (g0, _), slices = passes[-1]
+            passes[-1] = ((g0, c1), [*slices, i])
+        else:
+            passes.append(((c0 - c0 % align, c1), [i]))
+    return passes
 
 
 def _copy(ctx: UnitContext, unit: Unit) -> None:
@@ -91,11 +114,17 @@ def _transpose(ctx: UnitContext, unit: Unit) -> None:
 def _transpose_split(ctx: UnitContext, unit: Unit) -> None:
     name = _one(unit)
     dtype = unit.outputs[0].dtype
-    rows, cols = ctx.reader.shape(name)
-    full = scratch("out", (cols, rows), LOGICAL_DTYPES[dtype])
-    clean = ctx.transposed_rows(name, 0, rows, dtype, full) == 0
-    for spec, (c0, c1) in zip(unit.outputs, unit.params["source_cols"], strict=True):
-        ctx.writer(spec).rows(0, full[c0:c1], 0 if clean else None)  # None: count the slice
+    dt = LOGICAL_DTYPES[dtype]
+    rows = ctx.reader.shape(name)[0]
+    cols = [tuple(c) for c in unit.params["source_cols"]]
+    passes = split_passes(cols, rows * dt.itemsize, ctx.cfg.quant.block[1])
+    largest = scratch("out", (max(g1 - g0 for (g0, g1), _ in passes), rows), dt)
+    for (g0, g1), slices in passes:
+        band = largest[: g1 - g0]  # one buffer for every pass: the largest, asked for once
+        clean = ctx.transposed_rows(name, 0, rows, dtype, band, cols=(g0, g1)) == 0
+        for i in slices:
+            c0, c1 = cols[i]
+            ctx.writer(unit.outputs[i]).rows(0, band[c0 - g0 : c1 - g0], 0 if clean else None)
 
 
 def _split_rows(ctx: UnitContext, unit: Unit) -> None:

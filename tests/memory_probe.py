@@ -25,6 +25,7 @@ SHRUNK = {
     (reading, "CHUNK_BYTES"): 1 << 14,
     (transforms, "COPY_BYTES"): 1 << 14,
     (transforms, "IN_MEMORY_LIMIT"): 1 << 16,
+    (transforms, "SPLIT_BYTES"): 1,  # a pass per device slice
 }
 
 

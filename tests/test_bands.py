@@ -4,7 +4,10 @@ A transposed output larger than ``IN_MEMORY_LIMIT`` (``lm_head`` vocabulary slic
 shapes and few devices) is built in bands of whole output rows, each read from every source row
 in chunks of ``CHUNK_BYTES``; copies go in steps of ``COPY_BYTES``. With the limits shrunk, the
 tiny checkpoint's ``lm_head`` and router take that path and its embedding is copied in several
-steps; every array must still match an ordinary conversion byte for byte.
+steps; a ``transpose_split`` (``o``, dense ``down``) larger than ``SPLIT_BYTES`` is built a
+device slice or a few at a time. With the limits shrunk, the tiny checkpoint's ``lm_head``,
+router, ``o`` and dense ``down`` take those paths and its embedding is copied in several steps;
+every array must still match an ordinary conversion byte for byte.
 """
 
 from __future__ import annotations
@@ -41,8 +44,24 @@ def test_banded_transposes_write_the_same_bytes(tiny_ckpt, tmp_path, monkeypatch
     monkeypatch.setattr(transforms, "IN_MEMORY_LIMIT", 4096)
     monkeypatch.setattr(reading, "CHUNK_BYTES", 1 << 16)
     monkeypatch.setattr(transforms, "COPY_BYTES", 1 << 16)  # the embedding copied in steps too
+    monkeypatch.setattr(transforms, "SPLIT_BYTES", 1)  # one device slice per pass
     monkeypatch.setattr(reading.UnitContext, "transposed_rows", spy)
     convert(LocalSource(tiny_ckpt), tmp_path / "bands", 2, dtype=dtype, progress=False)
     banded = {name for name, cols in calls if cols is not None}
     assert "lm_head.weight" in banded and any(".mlp.gate.weight" in n for n in banded)
+    o_passes = [cols for name, cols in calls if name == "model.layers.0.self_attn.o_proj.weight"]
+    assert len(o_passes) == 2 and o_passes[0][1] == o_passes[1][0]  # one per device, in order
+    assert any(n.endswith("mlp.down_proj.weight") for n in banded)  # the dense layer's down
     assert checksums(tmp_path / "bands") == checksums(tmp_path / "whole")
+
+
+def test_split_passes_hold_whole_slices_from_block_starts(monkeypatch):
+    monkeypatch.setattr(transforms, "SPLIT_BYTES", 256)
+    cols = [(0, 128), (128, 256), (256, 384), (384, 512)]
+    passes = transforms.split_passes
+    assert passes(cols, 1, 128) == [((0, 256), [0, 1]), ((256, 512), [2, 3])]  # 256 bytes each
+    assert [s for _, s in passes(cols, 4, 128)] == [[0], [1], [2], [3]]  # a slice over the limit
+    ragged = [(0, 96), (96, 192), (192, 288), (288, 384)]  # only 0 starts a block of 128
+    assert passes(ragged, 1, 128) == [((0, 192), [0, 1]), ((128, 384), [2, 3])]
+    held = [(96, 192), (288, 384)]  # a host's devices only
+    assert passes(held, 1, 128) == [((0, 192), [0]), ((256, 384), [1])]
