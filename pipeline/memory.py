@@ -145,7 +145,7 @@ def _out_bytes(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> in
         return max(g1 - g0 for (g0, g1), _ in passes) * rows * size
     if unit.transform == "transpose" and spec.nbytes > transforms.IN_MEMORY_LIMIT:
         row = spec.shape[1] * size  # a band of whole output rows (transforms._transpose)
-        return min(spec.shape[0], transforms.band_rows(row)) * row
+        return min(spec.shape[0], transforms.band_rows(spec.shape[0], row)) * row
     if unit.transform.startswith("experts_"):
         return spec.nbytes // spec.shape[0]  # one expert's slab at a time
     return spec.nbytes

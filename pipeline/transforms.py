@@ -55,10 +55,15 @@ def _one(unit: Unit, key: str = "w") -> str:
     return name
 
 
-def band_rows(row_bytes: int) -> int:
-    """Output rows per band of a transposed output larger than ``IN_MEMORY_LIMIT`` whose rows
-    are ``row_bytes`` long: a multiple of ``BAND_ALIGN``, at least one."""
-    return max(BAND_ALIGN, IN_MEMORY_LIMIT // row_bytes // BAND_ALIGN * BAND_ALIGN)
+def band_rows(rows: int, row_bytes: int) -> int:
+    """Output rows per band of a transposed output of ``rows`` rows of ``row_bytes`` larger than
+    ``IN_MEMORY_LIMIT``: the fewest bands of at most ``IN_MEMORY_LIMIT`` (or ``BAND_ALIGN`` rows),
+    as even as multiples of ``BAND_ALIGN`` rows allow (the same passes, the least memory)."""
+    most = max(BAND_ALIGN, IN_MEMORY_LIMIT // row_bytes // BAND_ALIGN * BAND_ALIGN)
+    if rows <= most:
+        return most
+    per_band = -(-rows // -(-rows // most))  # rows over the fewest bands, rounded up
+    return -(-per_band // BAND_ALIGN) * BAND_ALIGN
 
 
 def split_passes(
@@ -104,7 +109,7 @@ def _transpose(ctx: UnitContext, unit: Unit) -> None:
         return
     # bands of whole output rows (source columns), each read from all source rows: every band is
     # one contiguous, block-aligned piece of the chunk file, written with direct I/O
-    rows = band_rows((r1 - r0) * dt.itemsize)
+    rows = band_rows(spec.shape[0], (r1 - r0) * dt.itemsize)
     for k0 in range(0, spec.shape[0], rows):
         k1 = min(k0 + rows, spec.shape[0])
         band = scratch("out", (k1 - k0, r1 - r0), dt)

@@ -65,3 +65,12 @@ def test_split_passes_hold_whole_slices_from_block_starts(monkeypatch):
     assert passes(ragged, 1, 128) == [((0, 192), [0, 1]), ((128, 384), [2, 3])]
     held = [(96, 192), (288, 384)]  # a host's devices only
     assert passes(held, 1, 128) == [((0, 192), [0]), ((256, 384), [1])]
+
+
+def test_bands_are_the_fewest_and_as_even_as_whole_blocks_allow():
+    row = 38144 * 2  # an lm_head vocabulary slice at 4 devices: 4096 output rows of 76 KB
+    rows = transforms.band_rows(4096, row)
+    assert -(-4096 // rows) == 3 and rows * row <= transforms.IN_MEMORY_LIMIT  # 3 bands, as ever
+    assert rows == 1408 and rows % transforms.BAND_ALIGN == 0  # not 1664 + 1664 + 768
+    assert transforms.band_rows(100, 1 << 30) == transforms.BAND_ALIGN  # one block at least
+    assert transforms.band_rows(1000, 1 << 20) == 128  # 8 bands of 128 MiB: already even
