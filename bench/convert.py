@@ -56,12 +56,11 @@ sys.path.insert(0, str(ROOT))
 from loader.format import CORE_DTYPES, chunk_shape, storage_dtype  # noqa: E402
 from mimo.checksum import crc32  # noqa: E402
 from mimo.fp8 import standard_row_scales  # noqa: E402
-from pipeline.cli import default_workers  # noqa: E402
 from pipeline.convert import make_plan  # noqa: E402
 from pipeline.fp8 import BF16, quantise  # noqa: E402
 from pipeline.fp8_codes import transpose_codes_into  # noqa: E402
 from pipeline.fp8_kernel import dequantise_into  # noqa: E402
-from pipeline.memory import peak_memory  # noqa: E402
+from pipeline.memory import default_workers, peak_memory, worker_memory  # noqa: E402
 from pipeline.plan import OutputArray  # noqa: E402
 from pipeline.reading import ROW_PAD  # noqa: E402
 from pipeline.source import LocalSource  # noqa: E402
@@ -316,7 +315,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--devices", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=default_workers(), help="default: mimo-shard's")
+    ap.add_argument("--workers", type=int, default=None, help="default: mimo-shard's")
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side (best is kept)")
     ap.add_argument("--clean", action="store_true", help="remove the checkpoint afterwards")
@@ -328,6 +327,8 @@ def main() -> None:
     src = checkpoint(args.work, args.layers, args.experts)
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     out, floor_file = args.work / "out", args.work / "floor.bin"
+    if args.workers is None:  # what mimo-shard chooses for this checkpoint (BF16 experts)
+        args.workers = default_workers(worker_memory(make_plan(LocalSource(src), args.devices)[0]))
     raw_floor(src, 0, floor_file)  # warm the page cache: every side reads warm
     runs = [(d, args.workers) for d in EXPERT_DTYPES] + [("bfloat16", 1), ("bfloat16", 2)]
     conv: dict[tuple[str, int], list[float]] = {r: [] for r in runs}

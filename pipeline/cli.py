@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,11 +55,6 @@ def _source(
 
 
 PROG = "mimo-shard"  # the name error lines start with
-
-
-def default_workers() -> int:
-    """Two more than the CPUs (units blocked in their writes leave cores idle), at most 4."""
-    return min((os.cpu_count() or 1) + 2, 4)
 
 
 def _freeze_imports() -> None:
@@ -126,7 +120,8 @@ class _ShardCommand(OneLineUsage):
     "-j",
     type=int,
     default=None,
-    help="Units converted in parallel (default: CPUs + 2, at most 4).",
+    help="Units converted in parallel (default: CPUs + 2, at most 16 and as many as keep the "
+    "estimated peak memory within 2 GB or half the RAM).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the plan; read only the config and headers.")
 @click.option(
@@ -210,7 +205,6 @@ def main(**options: Any) -> None:
     o = SimpleNamespace(**options)  # one attribute per option, named as the parameters above
     if o.workers is not None and o.workers < 1:
         fail(PROG, f"--workers {o.workers}: must be >= 1")
-    o.workers = o.workers or default_workers()
     try:
         if o.dry_run:
             return _dry_run(o)
@@ -288,7 +282,7 @@ def _dry_run(o: SimpleNamespace) -> None:
     """The plan of SOURCE (config, index and headers only) or of --config alone."""
     from pipeline.convert import make_plan, needed_tensors, with_expert_map
     from pipeline.hosts import host_selection, host_table
-    from pipeline.memory import peak_memory
+    from pipeline.memory import default_workers, peak_memory, worker_memory
     from pipeline.report import plan_report, plan_summary
     from pipeline.source import open_checked
 
@@ -313,8 +307,9 @@ def _dry_run(o: SimpleNamespace) -> None:
         checked = open_checked(src, needed_tensors(plan), plan.inventory)  # headers: validates
         origin = src.describe()
     count, rank, held = host_selection(o.devices, o.hosts, o.host_rank, o.host_devices)
+    workers = o.workers or default_workers(worker_memory(plan))
     summary = plan_summary(
-        plan, o.workers, peak_memory(plan, o.workers), origin, o.max_seq_len, int(o.lnc)
+        plan, workers, peak_memory(plan, workers), origin, o.max_seq_len, int(o.lnc)
     )
     if count > 1 or held is not None:
         summary["hosts"] = host_table(

@@ -39,6 +39,7 @@ from pipeline.manifest import (
     now,
     table_bytes,
 )
+from pipeline.memory import default_workers, worker_memory
 from pipeline.plan import Options, Plan, Unit, build_plan, make_options
 from pipeline.reading import UnitContext
 from pipeline.scheduler import Records, run_units
@@ -135,7 +136,7 @@ def convert(
     layers: str | None = None,
     experts: str | None = None,
     expert_dtype: str = "bfloat16",
-    workers: int = 2,
+    workers: int | None = None,
     force: bool = False,
     progress: bool = True,
     expert_map: Path | None = None,
@@ -149,9 +150,10 @@ def convert(
     NaN or infinite values are recorded (``nonfinite``) with a warning instead of failing."""
     t0 = time.perf_counter()
     out = Path(out)
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise InputError(f"--workers {workers}: must be >= 1")
     plan, _ = make_plan(source, devices, dtype, layers, experts, expert_dtype, expert_map, hosts)
+    workers = workers or default_workers(worker_memory(plan))
     checked = open_checked(source, needed_tensors(plan), plan.inventory)
     fp = fingerprint(checked, plan)
     summary = Summary(out)

@@ -9,12 +9,13 @@ plan as the transforms do; a test runs every unit of a conversion and checks wha
 for against it.
 
 ``mimo-shard --dry-run`` prints :func:`peak_memory`; the benchmark compares it with the measured
-peak RSS.
+peak RSS. :func:`default_workers` uses it to choose ``--workers`` when none is given.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 from loader.format import LOGICAL_DTYPES
 from mimo.config import MiMoConfig
@@ -25,6 +26,8 @@ from pipeline.plan import Plan, Unit
 
 BASELINE_RSS = 192 << 20  # interpreter, NumPy, numba and its kernels, tqdm: 155-165 MB measured
 ROLES = ("read", "out", "grid", "other")
+MAX_WORKERS = 16  # the default's ceiling: at the benchmark's rates ~6 cores keep up with 8 GB/s
+MEMORY_BUDGET = 2 * 10**9  # the default keeps the estimated peak within this (or half the RAM)
 _STORED = {"bfloat16": "BF16", "float32": "F32"}  # reading this stored dtype needs no cast
 
 
@@ -65,9 +68,38 @@ def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> 
 
 
 def peak_memory(plan: Plan, workers: int) -> int:
-    """An upper estimate of peak RSS: a baseline plus, per worker, the largest request of each
-    buffer role over all units (what a worker's buffers can grow to; at most
-    ``buffers.POOL_BYTES`` beyond the unit it runs) and the largest short-lived arrays."""
+    """An upper estimate of peak RSS: a baseline plus ``workers`` times :func:`worker_memory`."""
+    return BASELINE_RSS + workers * worker_memory(plan)
+
+
+def default_workers(per_worker: int) -> int:
+    """``--workers`` when none is given: two more than the CPUs this process may run on (units
+    blocked in their writes leave cores idle), at most ``MAX_WORKERS``, and no more than keep a
+    baseline plus ``per_worker`` bytes per worker within ``MEMORY_BUDGET`` or half the machine's
+    RAM, whichever is less (at least one worker). A conversion's ``per_worker`` is
+    :func:`worker_memory` of its plan."""
+    budget = min(MEMORY_BUDGET, _ram() // 2) - BASELINE_RSS
+    return max(1, min(_cpus() + 2, MAX_WORKERS, budget // max(per_worker, 1)))
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the CPUs this process may use, not the host's
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def _ram() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2 * MEMORY_BUDGET  # unknown: the budget alone decides
+
+
+def worker_memory(plan: Plan) -> int:
+    """What one worker can hold at once, in bytes: the largest request of each buffer role over
+    all units (what its buffers can grow to; at most ``buffers.POOL_BYTES`` beyond the unit it
+    runs) and the largest short-lived arrays."""
     per_role = dict.fromkeys(ROLES, 0)
     largest = 0
     for unit in plan.units:
@@ -76,7 +108,7 @@ def peak_memory(plan: Plan, workers: int) -> int:
         for role, n in need.items():
             per_role[role] = max(per_role[role], n)
     kept = sum(n for role, n in per_role.items() if role != "other")
-    return BASELINE_RSS + workers * (min(kept, buffers.POOL_BYTES + largest) + per_role["other"])
+    return min(kept, buffers.POOL_BYTES + largest) + per_role["other"]
 
 
 def _pieces(

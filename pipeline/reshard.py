@@ -46,6 +46,7 @@ from mimo.layout import BY_KEY, EXPERTS, HEADS, INTERMEDIATE, VOCAB, WHOLE
 from pipeline.convert import Summary, _Run, run_locked
 from pipeline.errors import InputError
 from pipeline.journal import OutputDir
+from pipeline.memory import default_workers
 from pipeline.plan import OutputArray, Plan, Unit, build_plan, make_options
 from pipeline.reading import UnitContext
 from pipeline.scheduler import Records, run_units
@@ -53,6 +54,7 @@ from pipeline.source import load_config
 from pipeline.store import create_array_metadata
 
 BAND_BYTES = 64 << 20  # output bytes assembled in memory at a time
+WORKER_BYTES = 4 * BAND_BYTES  # a worker at once: a band and OLD's rows it is cut from (_cols)
 Segment = tuple[int, int, int]  # (OLD rank, start, stop) along the split axis of OLD's array
 
 
@@ -155,7 +157,7 @@ def reshard(
     *,
     expert_map: Path | None = None,
     given: dict[str, Any] | None = None,
-    workers: int = 2,
+    workers: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Summary:
@@ -172,6 +174,7 @@ def reshard(
     if old.resolve() == out.resolve():
         raise InputError(f"{out}: NEW must be another folder than OLD")
     plan, raw = reshard_plan(old, manifest, devices, expert_map, given or {})
+    workers = workers or default_workers(WORKER_BYTES)
     src = manifest["source"]
     checked = _Checked(
         OutputSource(old, manifest), raw, plan.config, src["index_sha256"], src["files"],
@@ -191,7 +194,7 @@ def reshard(
                 data = checked.source.read_small(name)
                 if data is not None:
                     small[name] = data
-        run = _ReshardRun(plan, checked, od, fp, small, workers, progress)  # type: ignore[arg-type]
+        run = _ReshardRun(plan, checked, od, fp, small, workers, progress)  # type: ignore
         run.old, run.old_manifest, run.old_records = old, manifest, records
         return run
 
@@ -380,10 +383,15 @@ class _Gather:
                 r += len(block)
 
     def _cols(self, w, spec: OutputArray, segs: list[Segment]) -> None:
-        """A 2-D array made of column bands of OLD's arrays, written in row bands."""
+        """A 2-D array made of column bands of OLD's arrays, written in row bands. A band's rows
+        are read whole from each OLD array it takes columns from, so it has as many rows as
+        ``BAND_BYTES`` holds of the widest of those arrays and of NEW's: splitting one wide OLD
+        array into narrow ones never reads more than a band of it at once."""
         rows, cols = spec.shape
         dt = LOGICAL_DTYPES[spec.dtype]
-        step = max(1, BAND_BYTES // max(cols * dt.itemsize, 1))
+        widths = [self._record(device_store(r), spec.path)["shape"][1] for r, _, _ in segs]
+        widest = max([cols, *widths])
+        step = max(1, BAND_BYTES // max(widest * dt.itemsize, 1))
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
             band = np.empty((r1 - r0, cols), dt)

@@ -67,3 +67,21 @@ def test_peak_memory_is_per_role_maxima_per_worker(tiny_ckpt):
     needs = [memory.unit_buffers(u, plan.inventory, plan.config) for u in plan.units]
     per_role = {r: max(n[r] for n in needs) for r in memory.ROLES}
     assert one - memory.BASELINE_RSS == sum(per_role.values())
+
+
+def test_default_workers_follow_the_cores_within_the_memory_budget(monkeypatch):
+    """Without --workers: CPUs + 2, at most MAX_WORKERS, and never so many that the estimated
+    peak passes the budget (2 GB, or half a small machine's RAM) — at least one."""
+    per = 138 * 10**6  # one worker at 32 devices on the real model (dry run)
+    monkeypatch.setattr(memory, "_ram", lambda: 64 * 10**9)
+    monkeypatch.setattr(memory, "_cpus", lambda: 2)
+    assert memory.default_workers(per) == 4
+    monkeypatch.setattr(memory, "_cpus", lambda: 192)
+    n = memory.default_workers(per)
+    assert n == 13 < memory.MAX_WORKERS  # the budget decides on a large host
+    assert memory.BASELINE_RSS + n * per <= memory.MEMORY_BUDGET
+    assert memory.BASELINE_RSS + (n + 1) * per > memory.MEMORY_BUDGET
+    assert memory.default_workers(1 << 20) == memory.MAX_WORKERS
+    monkeypatch.setattr(memory, "_ram", lambda: 2 * 10**9)  # 1 GB budget
+    assert memory.default_workers(per) == (10**9 - memory.BASELINE_RSS) // per
+    assert memory.default_workers(10**10) == 1

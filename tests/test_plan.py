@@ -44,3 +44,18 @@ def test_real_plan_at_32_devices():
     assert plan.layout["expert_map"]["47"][31] == list(range(248, 256))
     assert summary["source_bytes"] == 311_862_258_560  # every main-model tensor, none twice
     assert summary["expected_peak_memory"] < 2e9
+
+
+def test_dry_run_without_workers_reports_the_default_within_the_budget(monkeypatch):
+    from pipeline import memory
+
+    monkeypatch.setattr(memory, "_cpus", lambda: 192)
+    monkeypatch.setattr(memory, "_ram", lambda: 2 * 10**12)
+    for devices in ("1", "32"):
+        args = ["--dry-run", "--config", str(REAL_CONFIG), "--devices", devices, "--json"]
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        summary = json.loads(res.output)
+        assert 1 < summary["workers"] <= memory.MAX_WORKERS
+        assert summary["expected_peak_memory"] <= memory.MEMORY_BUDGET
+    assert summary["workers"] > 4  # 32 devices on a large host: more than the old fixed cap

@@ -115,3 +115,29 @@ def test_reshard_keeps_old_options(direct, tmp_path):
     assert "--dtype float32" in text and "keeps its dtype (bfloat16)" in text
     code, text = shard(direct["bfloat16", 2], tmp_path / "y", "--devices", 3)
     assert code == 2 and "--devices 3" in text
+
+
+def test_splitting_reads_old_arrays_a_band_at_a_time(direct, tmp_path, monkeypatch):
+    """2 -> 8 devices: each NEW column band (lm_head, qkv, dense gate_up) is a quarter of an OLD
+    array's width; OLD's rows are still read no more than ``BAND_BYTES`` at a time (experts are
+    moved whole, one at a time), and the result is the direct conversion's."""
+    band = 16 << 10
+    monkeypatch.setattr(reshard_module, "BAND_BYTES", band)
+    reads: dict[str, int] = {}
+    real = reshard_module._Gather.rows
+
+    def counted(self, store, path, r0, r1):
+        block = real(self, store, path, r0, r1)
+        if "/experts/" not in path:
+            key = path.rsplit("/", 2)[-2:] if path.startswith("layers/") else [path]
+            name = "/".join(key)
+            reads[name] = max(reads.get(name, 0), block.nbytes)
+        return block
+
+    monkeypatch.setattr(reshard_module._Gather, "rows", counted)
+    out = tmp_path / "new"
+    code, text = shard(direct["bfloat16", 2], out, "--devices", 8, "--workers", 1)
+    assert code == 0, text
+    assert_identical(out, direct["bfloat16", 8])
+    assert {"lm_head", "attn/qkv", "mlp/gate_up"} <= reads.keys()
+    assert max(reads.values()) <= band, reads
