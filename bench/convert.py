@@ -327,8 +327,9 @@ def main() -> None:
     src = checkpoint(args.work, args.layers, args.experts)
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     out, floor_file = args.work / "out", args.work / "floor.bin"
+    plans = {d: make_plan(LocalSource(src), args.devices, expert_dtype=d)[0] for d in EXPERT_DTYPES}
     if args.workers is None:  # what mimo-shard chooses for this checkpoint (BF16 experts)
-        args.workers = default_workers(worker_memory(make_plan(LocalSource(src), args.devices)[0]))
+        args.workers = default_workers(worker_memory(plans["bfloat16"]))
     raw_floor(src, 0, floor_file)  # warm the page cache: every side reads warm
     runs = [(d, args.workers) for d in EXPERT_DTYPES] + [("bfloat16", 1), ("bfloat16", 2)]
     conv: dict[tuple[str, int], list[float]] = {r: [] for r in runs}
@@ -349,8 +350,7 @@ def main() -> None:
                     t = raw_floor(src, nbytes, floor_file, direct)
                     floors.setdefault((dtype, direct), []).append(t)
     estimate = {  # the converter's own memory model, for comparison with the peak RSS
-        d: peak_memory(make_plan(LocalSource(src), args.devices, expert_dtype=d)[0], args.workers)
-        for d in EXPERT_DTYPES
+        d: peak_memory(plans[d], args.workers) for d in EXPERT_DTYPES
     }
     if args.clean:
         shutil.rmtree(src)

@@ -282,7 +282,7 @@ def _dry_run(o: SimpleNamespace) -> None:
     """The plan of SOURCE (config, index and headers only) or of --config alone."""
     from pipeline.convert import make_plan, needed_tensors, with_expert_map
     from pipeline.hosts import host_selection, host_table
-    from pipeline.memory import default_workers, peak_memory, worker_memory
+    from pipeline.memory import default_workers, worker_memory, workers_memory
     from pipeline.report import plan_report, plan_summary
     from pipeline.source import open_checked
 
@@ -307,9 +307,10 @@ def _dry_run(o: SimpleNamespace) -> None:
         checked = open_checked(src, needed_tensors(plan), plan.inventory)  # headers: validates
         origin = src.describe()
     count, rank, held = host_selection(o.devices, o.hosts, o.host_rank, o.host_devices)
-    workers = o.workers or default_workers(worker_memory(plan))
+    per_worker = worker_memory(plan)  # computed once: it walks every unit
+    workers = o.workers or default_workers(per_worker)
     summary = plan_summary(
-        plan, workers, peak_memory(plan, workers), origin, o.max_seq_len, int(o.lnc)
+        plan, workers, workers_memory(per_worker, workers), origin, o.max_seq_len, int(o.lnc)
     )
     if count > 1 or held is not None:
         summary["hosts"] = host_table(

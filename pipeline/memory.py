@@ -68,8 +68,13 @@ def unit_buffers(unit: Unit, tensors: dict[str, HubTensor], cfg: MiMoConfig) -> 
 
 
 def peak_memory(plan: Plan, workers: int) -> int:
-    """An upper estimate of peak RSS: a baseline plus ``workers`` times :func:`worker_memory`."""
-    return BASELINE_RSS + workers * worker_memory(plan)
+    """An upper estimate of peak RSS: :func:`workers_memory` of :func:`worker_memory`."""
+    return workers_memory(worker_memory(plan), workers)
+
+
+def workers_memory(per_worker: int, workers: int) -> int:
+    """Peak RSS of ``workers`` workers holding ``per_worker`` bytes each, with the baseline."""
+    return BASELINE_RSS + workers * per_worker
 
 
 def default_workers(per_worker: int) -> int:
@@ -78,8 +83,10 @@ def default_workers(per_worker: int) -> int:
     baseline plus ``per_worker`` bytes per worker within ``MEMORY_BUDGET`` or half the machine's
     RAM, whichever is less (at least one worker). A conversion's ``per_worker`` is
     :func:`worker_memory` of its plan."""
-    budget = min(MEMORY_BUDGET, _ram() // 2) - BASELINE_RSS
-    return max(1, min(_cpus() + 2, MAX_WORKERS, budget // max(per_worker, 1)))
+    n = min(_cpus() + 2, MAX_WORKERS)
+    while n > 1 and workers_memory(per_worker, n) > min(MEMORY_BUDGET, _ram() // 2):
+        n -= 1
+    return n
 
 
 def _cpus() -> int:

@@ -129,8 +129,7 @@ def test_splitting_reads_old_arrays_a_band_at_a_time(direct, tmp_path, monkeypat
     def counted(self, store, path, r0, r1):
         block = real(self, store, path, r0, r1)
         if "/experts/" not in path:
-            key = path.rsplit("/", 2)[-2:] if path.startswith("layers/") else [path]
-            name = "/".join(key)
+            name = path.split("/", 2)[2] if path.startswith("layers/") else path
             reads[name] = max(reads.get(name, 0), block.nbytes)
         return block
 
