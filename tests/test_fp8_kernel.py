@@ -170,6 +170,26 @@ def test_writes_only_its_column_band_of_a_larger_destination():
     assert (untouched == np.array(1.5, BF16)).all()
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2, 4])
+def test_word_stores_and_element_stores_agree(offset):
+    """A bfloat16 destination on 8-byte boundaries takes 4x4 squares as 64-bit words; one that is
+    not (offset 1 or 2 elements), ragged edges (rows and columns not multiples of 4) and runs of
+    rows starting off a multiple of 4 take the element stores: every case matches torch."""
+    rows, cols = 262, 133
+    rng = np.random.default_rng(21 + offset)
+    codes = padded_codes(rng, rows, cols)
+    row_scale = np.repeat(np.arange(6), [3, 125, 5, 7, 120, 2])  # runs of 3, 125, 5, 7, ...
+    scales = grid(rng, 6, cols)
+    wide = np.full((cols, rows + 10), 1.5, BF16)  # rows 272 elements apart: 8-byte aligned
+    out = wide[:, offset : offset + rows]
+    n = dequantise_into(codes, scales, row_scale, BLOCK, out)
+    assert_matches_torch(out, torch_dequantised(codes, scales, row_scale, torch.bfloat16))
+    assert n == int((~np.isfinite(out.astype(np.float32))).sum()) > 0
+    assert_matches_numpy_path(codes, scales, row_scale, out)
+    assert (wide[:, :offset] == np.array(1.5, BF16)).all()
+    assert (wide[:, offset + rows :] == np.array(1.5, BF16)).all()
+
+
 def test_other_layouts_give_the_same_result():
     """Contiguous, transposed-view and column-strided inputs and outputs (copied internally)."""
     rows, cols = 200, 150
