@@ -34,6 +34,7 @@ import numpy as np
 from numba import types
 
 from pipeline.fp8 import BF16, FP8
+from pipeline.stores import drain, store_streaming
 from pipeline.strided import flat_input, flat_rows, unit_rows
 
 TILE_ROWS = 256  # at most this many weight rows share a table (destination segments <= 512 B)
@@ -86,6 +87,7 @@ def _block(codes, ldc, table, out, ldo, rows, cols):
 def _square(codes, ldc, table, words, ldw, rows, cols):
     """``_block`` for 2-byte outputs, ``rows`` and ``cols`` multiples of 4, writing 64-bit words:
     ``words[c*ldw + r//4]`` holds the outputs of rows ``r..r+3`` of column ``c`` (lowest first).
+    The stores are streaming (:mod:`pipeline.stores`): the caller drains them.
     """
     u = np.uint64
     s1, s2, s3 = u(16), u(32), u(48)
@@ -96,12 +98,13 @@ def _square(codes, ldc, table, words, ldw, rows, cols):
             b, d, e = a + ldc, a + 2 * ldc, a + 3 * ldc
             w = o + r // 4
             for k in range(4):  # column c + k: one word of four rows
-                words[u(w + k * ldw)] = (
+                word = (
                     u(table[codes[u(a + k)]])
                     | u(table[codes[u(b + k)]]) << s1
                     | u(table[codes[u(d + k)]]) << s2
                     | u(table[codes[u(e + k)]]) << s3
                 )
+                store_streaming(words, u(w + k * ldw), word)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -188,6 +191,7 @@ def _dequantise(
                     _block(block, ldc, table, dst, ldo, n - n4, m4)
                 nonfinite += _count_nonfinite(codes[ra * ldc + c0 :], ldc, n, m, table)
             ra = rb
+    drain()  # the streaming stores are visible to every thread from here
     return nonfinite
 
 

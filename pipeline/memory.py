@@ -140,13 +140,10 @@ def _widest(t: HubTensor) -> int:
 
 def _step_bytes(t: HubTensor, rows: int, itemsize: int) -> int:
     """``read`` bytes of one step of ``UnitContext.transposed_rows`` over ``rows`` rows of ``t``
-    (FP8 codes in rows ``ROW_PAD`` apart, or raw float rows: whichever ``t`` may be stored as)."""
+    (FP8 codes or raw float rows, whichever ``t`` may be stored as, rows ``ROW_PAD`` bytes
+    apart)."""
     step = min(rows, reading.rows_per_step(t.shape, itemsize))
-    width = math.prod(t.shape[1:])
-    need = step * width * _widest(t)
-    if F8 in (t.dtype, *t.accepts):
-        need = max(need, step * (width + reading.ROW_PAD))
-    return need
+    return step * (math.prod(t.shape[1:]) * _widest(t) + reading.ROW_PAD)
 
 
 def _cast_bytes(t: HubTensor, rows: int, dtype: str) -> int:

@@ -1,6 +1,6 @@
 """The compiled transposed copies (``pipeline.fp8_codes``) against NumPy's ``.T``: every element
-size, ragged shapes, padded and offset rows (the 8x8-word path and the byte loop both run),
-column bands of wider destinations, read-only sources, and the NaN count of FP8 codes."""
+size, ragged shapes, padded and offset rows (the 64-bit word blocks and the element loop both
+run), column bands of wider destinations, read-only sources, and the NaN count of FP8 codes."""
 
 from __future__ import annotations
 
@@ -60,14 +60,24 @@ def test_code_copy_counts_nan_codes(shape):
     np.testing.assert_array_equal(out, codes.T)
 
 
-def test_word_blocks_run_where_rows_are_aligned(monkeypatch):
+@pytest.mark.parametrize(
+    "dtype, words, cases",
+    [
+        # rows 144 or 79 bytes apart; ragged edges: 4 rows, 4 columns
+        (np.uint8, "_transpose_words", ((0, 68, 1), (1, 68, 0), (0, 3, 0))),
+        # rows 288 or 154 bytes apart (or 2 bytes off a boundary); ragged: 2 rows, 2 columns
+        (np.uint16, "_transpose_quads", ((0, 70, 1), (1, 70, 0), (0, 3, 0))),
+    ],
+)
+def test_word_blocks_run_where_rows_are_aligned(monkeypatch, dtype, words, cases):
     calls = []
-    real = fp8_codes._transpose_words
-    monkeypatch.setattr(fp8_codes, "_transpose_words", lambda *a: calls.append(a) or real(*a))
+    real = getattr(fp8_codes, words)
+    monkeypatch.setattr(fp8_codes, words, lambda *a: calls.append(a) or real(*a))
     rng = np.random.default_rng(3)
-    for skew, pad, want in ((0, 68, 1), (1, 68, 0), (0, 3, 0)):  # rows 144 or 79 bytes apart
-        a = source(1036, 76, np.uint8, pad, skew, rng)  # ragged edges: 4 rows, 4 columns
-        out = np.empty((76, 1040), np.uint8)[:, :1036]  # rows 1040 bytes apart
+    rows, cols = (1036, 76) if dtype == np.uint8 else (1034, 74)
+    for skew, pad, want in cases:
+        a = source(rows, cols, dtype, pad, skew, rng)
+        out = np.empty((cols, 1040), dtype)[:, :rows]  # rows 1040 elements apart
         transpose_bits_into(a, out)
         np.testing.assert_array_equal(out, a.T)
         assert len(calls) == want, (skew, pad)
