@@ -62,20 +62,14 @@ def _transpose(codes, ldc, rows, cols, out, ldo):
 
 
 _WORDS = types.Array(types.uint64, 1, "C")
+# (source words, source row stride, row blocks, word columns, destination words, its row stride)
+_BLOCKS_SIG = types.void(
+    types.Array(types.uint64, 1, "C", readonly=True), types.int64, types.int64, types.int64,
+    _WORDS, types.int64,
+)  # fmt: skip
 
 
-@numba.njit(
-    types.void(
-        types.Array(types.uint64, 1, "C", readonly=True),
-        types.int64,
-        types.int64,
-        types.int64,
-        _WORDS,
-        types.int64,
-    ),
-    nogil=True,
-    cache=True,
-)
+@numba.njit(_BLOCKS_SIG, nogil=True, cache=True)
 def _transpose_words(src, lds, blocks, cols8, dst, ldd):
     """Byte transpose by 8x8 blocks held in eight 64-bit words: ``blocks`` blocks of 8 source
     rows by ``cols8`` words (8 bytes) of each; ``lds``/``ldd``: row strides in words.
@@ -129,18 +123,7 @@ def _transpose_words(src, lds, blocks, cols8, dst, ldd):
                 dst[u(d + 6 * ldd)], dst[u(d + 7 * ldd)] = x6, x7
 
 
-@numba.njit(
-    types.void(
-        types.Array(types.uint64, 1, "C", readonly=True),
-        types.int64,
-        types.int64,
-        types.int64,
-        _WORDS,
-        types.int64,
-    ),
-    nogil=True,
-    cache=True,
-)
+@numba.njit(_BLOCKS_SIG, nogil=True, cache=True)
 def _transpose_quads(src, lds, blocks, cols4, dst, ldd):
     """2-byte transpose by 4x4 blocks held in four 64-bit words: ``blocks`` blocks of 4 source
     rows by ``cols4`` words (4 elements) of each; ``lds``/``ldd``: row strides in words.
