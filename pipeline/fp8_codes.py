@@ -7,10 +7,10 @@ layout ``[R, C]`` into a ``[C, R]`` destination, which may be a column band of a
 rows, eight destination rows per pass, so each source cache line is read once per tile and every
 destination row receives a contiguous segment (two to three times NumPy's banded transpose).
 One-byte codes whose rows start on 8-byte boundaries move as 8x8 blocks in 64-bit words (a few
-shifts and masks transpose a block in registers), about 1.5 times the byte loop. The NaN count
-(:func:`pipeline.nonfinite.count_nan_codes`) is a separate vectorised pass over the source (a
-small fraction of the copy). All loops release the
-GIL.
+shifts and masks transpose a block in registers), about 1.5 times the byte loop, and their NaN
+codes are counted on the same words (a separate pass over the source cost half as much as the
+copy); 2-byte elements move as 4x4 blocks the same way, with streaming stores. All loops release
+the GIL.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import types
 
-from pipeline.nonfinite import count_nan_codes
+from pipeline.nonfinite import NAN_CODE_BITS, count_flat
 from pipeline.stores import drain, store_streaming
 from pipeline.strided import flat_input, flat_rows, unit_rows
 
@@ -63,13 +63,13 @@ def _transpose(codes, ldc, rows, cols, out, ldo):
 
 _WORDS = types.Array(types.uint64, 1, "C")
 # (source words, source row stride, row blocks, word columns, destination words, its row stride)
-_BLOCKS_SIG = types.void(
+_BLOCKS_ARGS = (
     types.Array(types.uint64, 1, "C", readonly=True), types.int64, types.int64, types.int64,
     _WORDS, types.int64,
 )  # fmt: skip
 
 
-@numba.njit(_BLOCKS_SIG, nogil=True, cache=True)
+@numba.njit(types.int64(*_BLOCKS_ARGS), nogil=True, cache=True)
 def _transpose_words(src, lds, blocks, cols8, dst, ldd):
     """Byte transpose by 8x8 blocks held in eight 64-bit words: ``blocks`` blocks of 8 source
     rows by ``cols8`` words (8 bytes) of each; ``lds``/``ldd``: row strides in words.
@@ -77,10 +77,17 @@ def _transpose_words(src, lds, blocks, cols8, dst, ldd):
     Source row ``i`` of a block is word ``x_i`` (byte ``j`` = column ``j``); three rounds of
     masked swaps (bytes, byte pairs, quads) turn ``x_j`` into column ``j``, which is 8 bytes of
     destination row ``j``. Eight loads and eight stores move 64 bytes.
+
+    Returns how many of the bytes moved are NaN codes (low 7 bits all ones), counted on the
+    loaded words: ``((x & 0x7F..7F) + 0x01..01) & 0x80..80`` sets a byte's top bit exactly for
+    those, and the block's eight such words, shifted to one bit per byte, add up to at most 8 a
+    byte. (A separate counting pass over the source cost half as much as the copy.)
     """
     u = np.uint64
     m1, m2, m3 = u(0x00FF00FF00FF00FF), u(0x0000FFFF0000FFFF), u(0x00000000FFFFFFFF)
-    s8, s16, s32 = u(8), u(16), u(32)
+    s7, s8, s16, s32, s56 = u(7), u(8), u(16), u(32), u(56)
+    low7, ones, tops = u(0x7F7F7F7F7F7F7F7F), u(0x0101010101010101), u(0x8080808080808080)
+    nan = 0
     tile = TILE_ROWS // 8 * 2  # row blocks per tile (the source lines stay in L2 across words)
     for b0 in range(0, blocks, tile):
         b1 = min(b0 + tile, blocks)
@@ -92,6 +99,15 @@ def _transpose_words(src, lds, blocks, cols8, dst, ldd):
                 x2, x3 = src[u(s + 2 * lds)], src[u(s + 3 * lds)]
                 x4, x5 = src[u(s + 4 * lds)], src[u(s + 5 * lds)]
                 x6, x7 = src[u(s + 6 * lds)], src[u(s + 7 * lds)]
+                z = (((x0 & low7) + ones) & tops) >> s7
+                z += (((x1 & low7) + ones) & tops) >> s7
+                z += (((x2 & low7) + ones) & tops) >> s7
+                z += (((x3 & low7) + ones) & tops) >> s7
+                z += (((x4 & low7) + ones) & tops) >> s7
+                z += (((x5 & low7) + ones) & tops) >> s7
+                z += (((x6 & low7) + ones) & tops) >> s7
+                z += (((x7 & low7) + ones) & tops) >> s7
+                nan += (z * ones) >> s56  # the sum of z's bytes
                 t = ((x0 >> s8) ^ x1) & m1
                 x1, x0 = x1 ^ t, x0 ^ (t << s8)
                 t = ((x2 >> s8) ^ x3) & m1
@@ -121,9 +137,10 @@ def _transpose_words(src, lds, blocks, cols8, dst, ldd):
                 dst[u(d + 2 * ldd)], dst[u(d + 3 * ldd)] = x2, x3
                 dst[u(d + 4 * ldd)], dst[u(d + 5 * ldd)] = x4, x5
                 dst[u(d + 6 * ldd)], dst[u(d + 7 * ldd)] = x6, x7
+    return nan
 
 
-@numba.njit(_BLOCKS_SIG, nogil=True, cache=True)
+@numba.njit(types.void(*_BLOCKS_ARGS), nogil=True, cache=True)
 def _transpose_quads(src, lds, blocks, cols4, dst, ldd):
     """2-byte transpose by 4x4 blocks held in four 64-bit words: ``blocks`` blocks of 4 source
     rows by ``cols4`` words (4 elements) of each; ``lds``/``ldd``: row strides in words.
@@ -167,31 +184,38 @@ def _words(flat: np.ndarray) -> np.ndarray:
     return flat[: flat.size - flat.size % n].view(np.uint64)
 
 
-def _transpose_blocks(src, lds, rows, cols, dst, ldd) -> None:
+def _transpose_blocks(src, lds, rows, cols, dst, ldd) -> int:
     """:func:`_transpose` for 1- and 2-byte elements: blocks of ``n = 8 / size`` rows by ``n``
     elements moved as 64-bit words (:func:`_transpose_words`, :func:`_transpose_quads`) where
     both sides' rows start on 8-byte boundaries (the converter's buffers do), the element loop
-    for the edges and the rest."""
+    for the edges and the rest. Returns how many 1-byte elements are NaN codes (0 for 2-byte)."""
     n = 8 // src.itemsize
     rn, cn = rows - rows % n, cols - cols % n
     aligned = lds % n == 0 and ldd % n == 0 and src.ctypes.data % 8 == 0 == dst.ctypes.data % 8
     if not (aligned and rn and cn):
         _transpose(src, lds, rows, cols, dst, ldd)
-        return
-    words = _transpose_words if n == 8 else _transpose_quads
-    words(_words(src), lds // n, rn // n, cn // n, _words(dst), ldd // n)
+        return _nan_codes(src, lds, rows, cols) if n == 8 else 0
+    nan = 0
+    if n == 8:
+        nan = _transpose_words(_words(src), lds // n, rn // n, cn // n, _words(dst), ldd // n)
+    else:
+        _transpose_quads(_words(src), lds // n, rn // n, cn // n, _words(dst), ldd // n)
     if cols > cn:  # the last columns, every row
         _transpose(src[cn:], lds, rows, cols - cn, dst[cn * ldd :], ldd)
+        nan += _nan_codes(src[cn:], lds, rows, cols - cn) if n == 8 else 0
     if rows > rn:  # the last rows, the other columns
         _transpose(src[rn * lds :], lds, rows - rn, cn, dst[rn:], ldd)
+        nan += _nan_codes(src[rn * lds :], lds, rows - rn, cn) if n == 8 else 0
+    return nan
 
 
-def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
-    """``out[...] = a.T`` bit for bit for 2-D arrays of one element size (1, 2 or 4 bytes).
+def _nan_codes(flat: np.ndarray, ld: int, rows: int, cols: int) -> int:
+    """NaN codes among ``rows x cols`` bytes of ``flat``, rows ``ld`` apart."""
+    return int(count_flat(flat, ld, rows, cols, NAN_CODE_BITS))
 
-    ``a``: ``[R, C]``, any strides. ``out``: ``[C, R]``, any strides (e.g. ``dst[:, j:j+R]``);
-    rows that are not unit-stride go through a temporary.
-    """
+
+def _transposed(a: np.ndarray, out: np.ndarray) -> int:
+    """:func:`transpose_bits_into`; returns the NaN codes among 1-byte elements (0 else)."""
     size = a.dtype.itemsize
     if size not in _UNSIGNED or out.dtype.itemsize != size:
         raise TypeError(f"transpose_bits_into: {a.dtype} into {out.dtype}")
@@ -200,13 +224,27 @@ def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
     if out_bits.shape != (cols, rows):
         raise ValueError(f"output shape {out.shape}; input {a.shape} needs {(cols, rows)}")
     if rows == 0 or cols == 0:
-        return
+        return 0
     dst = out_bits if unit_rows(out_bits) else np.empty(out_bits.shape, out_bits.dtype)
     flat_src, lds = flat_input(bits)
     flat_dst, ldo = flat_rows(dst)
-    (_transpose if size == 4 else _transpose_blocks)(flat_src, lds, rows, cols, flat_dst, ldo)
+    nan = 0
+    if size == 4:
+        _transpose(flat_src, lds, rows, cols, flat_dst, ldo)
+    else:
+        nan = _transpose_blocks(flat_src, lds, rows, cols, flat_dst, ldo)
     if dst is not out_bits:
         out_bits[...] = dst
+    return nan
+
+
+def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = a.T`` bit for bit for 2-D arrays of one element size (1, 2 or 4 bytes).
+
+    ``a``: ``[R, C]``, any strides. ``out``: ``[C, R]``, any strides (e.g. ``dst[:, j:j+R]``);
+    rows that are not unit-stride go through a temporary.
+    """
+    _transposed(a, out)
 
 
 def transpose_codes_into(codes: np.ndarray, out: np.ndarray) -> int:
@@ -218,5 +256,4 @@ def transpose_codes_into(codes: np.ndarray, out: np.ndarray) -> int:
     codes = codes.view(np.uint8)
     if codes.dtype.itemsize != 1 or out.dtype.itemsize != 1:
         raise TypeError(f"transpose_codes_into: {codes.dtype} into {out.dtype}: 1-byte codes")
-    transpose_bits_into(codes, out)
-    return count_nan_codes(codes)
+    return _transposed(codes, out)

@@ -60,6 +60,24 @@ def test_code_copy_counts_nan_codes(shape):
     np.testing.assert_array_equal(out, codes.T)
 
 
+def test_nan_codes_are_counted_in_the_word_blocks_and_at_the_edges(monkeypatch):
+    calls = []
+    real = fp8_codes._transpose_words
+    monkeypatch.setattr(fp8_codes, "_transpose_words", lambda *a: calls.append(a) or real(*a))
+    rng = np.random.default_rng(5)
+    a = source(1036, 76, np.uint8, 68, 0, rng)  # rows 144 bytes apart; ragged: 4 rows, 4 columns
+    a[(a & 0x7F) == 0x7F] = 0x7E  # every other code, 0x7E and 0xFE included: no NaN yet
+    spots = [(0, 0), (7, 7), (600, 40), (5, 73), (1033, 3), (1035, 75)]  # blocks, edges, corner
+    for i, (r, c) in enumerate(spots):
+        a[r, c] = 0xFF if i % 2 else 0x7F
+    out = np.empty((76, 1040), np.uint8)[:, :1036]
+    assert transpose_codes_into(a, out) == len(spots)
+    np.testing.assert_array_equal(out, a.T)
+    assert len(calls) == 1
+    a[...] = 0x7F  # every code NaN: eight a byte lane in each block, no overflow
+    assert transpose_codes_into(a, out) == a.size
+
+
 @pytest.mark.parametrize(
     "dtype, words, cases",
     [
