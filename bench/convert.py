@@ -132,7 +132,9 @@ def run_convert(
     return dt, usage.ru_maxrss * 1024, nbytes, usage.ru_utime + usage.ru_stime
 
 
-def best(fn, reps: int = 5) -> float:
+def best(fn, reps: int = 15) -> float:
+    """The least time of ``reps`` calls after one more (the first calls into new memory run
+    slower here for a while: best of 5 varied by a factor of two from run to run)."""
     fn()
     times = []
     for _ in range(reps):
