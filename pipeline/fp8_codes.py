@@ -61,6 +61,21 @@ def _transpose(codes, ldc, rows, cols, out, ldo):
                 out[u(c * ldo + r)] = codes[u(r * ldc + c)]
 
 
+@numba.njit(inline="always")
+def _swap(lo, hi, mask, shift):
+    """One round of a word-block transpose: the ``mask`` lanes of ``hi`` and the lanes ``shift``
+    bits above them in ``lo`` trade places."""
+    t = ((lo >> shift) ^ hi) & mask
+    return lo ^ (t << shift), hi ^ t
+
+
+@numba.njit(inline="always")
+def _nan_bits(x):
+    """Bit 0 of each byte of ``x`` set where that byte is a NaN code (low 7 bits all ones)."""
+    u = np.uint64
+    return (((x & u(0x7F7F7F7F7F7F7F7F)) + u(0x0101010101010101)) & u(0x8080808080808080)) >> u(7)
+
+
 _WORDS = types.Array(types.uint64, 1, "C")
 # (source words, source row stride, row blocks, word columns, destination words, its row stride)
 _BLOCKS_ARGS = (
@@ -85,8 +100,7 @@ def _transpose_words(src, lds, blocks, cols8, dst, ldd):
     """
     u = np.uint64
     m1, m2, m3 = u(0x00FF00FF00FF00FF), u(0x0000FFFF0000FFFF), u(0x00000000FFFFFFFF)
-    s7, s8, s16, s32, s56 = u(7), u(8), u(16), u(32), u(56)
-    low7, ones, tops = u(0x7F7F7F7F7F7F7F7F), u(0x0101010101010101), u(0x8080808080808080)
+    s8, s16, s32, s56, ones = u(8), u(16), u(32), u(56), u(0x0101010101010101)
     nan = 0
     tile = TILE_ROWS // 8 * 2  # row blocks per tile (the source lines stay in L2 across words)
     for b0 in range(0, blocks, tile):
@@ -99,39 +113,21 @@ def _transpose_words(src, lds, blocks, cols8, dst, ldd):
                 x2, x3 = src[u(s + 2 * lds)], src[u(s + 3 * lds)]
                 x4, x5 = src[u(s + 4 * lds)], src[u(s + 5 * lds)]
                 x6, x7 = src[u(s + 6 * lds)], src[u(s + 7 * lds)]
-                z = (((x0 & low7) + ones) & tops) >> s7
-                z += (((x1 & low7) + ones) & tops) >> s7
-                z += (((x2 & low7) + ones) & tops) >> s7
-                z += (((x3 & low7) + ones) & tops) >> s7
-                z += (((x4 & low7) + ones) & tops) >> s7
-                z += (((x5 & low7) + ones) & tops) >> s7
-                z += (((x6 & low7) + ones) & tops) >> s7
-                z += (((x7 & low7) + ones) & tops) >> s7
+                z = _nan_bits(x0) + _nan_bits(x1) + _nan_bits(x2) + _nan_bits(x3)
+                z += _nan_bits(x4) + _nan_bits(x5) + _nan_bits(x6) + _nan_bits(x7)
                 nan += (z * ones) >> s56  # the sum of z's bytes
-                t = ((x0 >> s8) ^ x1) & m1
-                x1, x0 = x1 ^ t, x0 ^ (t << s8)
-                t = ((x2 >> s8) ^ x3) & m1
-                x3, x2 = x3 ^ t, x2 ^ (t << s8)
-                t = ((x4 >> s8) ^ x5) & m1
-                x5, x4 = x5 ^ t, x4 ^ (t << s8)
-                t = ((x6 >> s8) ^ x7) & m1
-                x7, x6 = x7 ^ t, x6 ^ (t << s8)
-                t = ((x0 >> s16) ^ x2) & m2
-                x2, x0 = x2 ^ t, x0 ^ (t << s16)
-                t = ((x1 >> s16) ^ x3) & m2
-                x3, x1 = x3 ^ t, x1 ^ (t << s16)
-                t = ((x4 >> s16) ^ x6) & m2
-                x6, x4 = x6 ^ t, x4 ^ (t << s16)
-                t = ((x5 >> s16) ^ x7) & m2
-                x7, x5 = x7 ^ t, x5 ^ (t << s16)
-                t = ((x0 >> s32) ^ x4) & m3
-                x4, x0 = x4 ^ t, x0 ^ (t << s32)
-                t = ((x1 >> s32) ^ x5) & m3
-                x5, x1 = x5 ^ t, x1 ^ (t << s32)
-                t = ((x2 >> s32) ^ x6) & m3
-                x6, x2 = x6 ^ t, x2 ^ (t << s32)
-                t = ((x3 >> s32) ^ x7) & m3
-                x7, x3 = x7 ^ t, x3 ^ (t << s32)
+                x0, x1 = _swap(x0, x1, m1, s8)
+                x2, x3 = _swap(x2, x3, m1, s8)
+                x4, x5 = _swap(x4, x5, m1, s8)
+                x6, x7 = _swap(x6, x7, m1, s8)
+                x0, x2 = _swap(x0, x2, m2, s16)
+                x1, x3 = _swap(x1, x3, m2, s16)
+                x4, x6 = _swap(x4, x6, m2, s16)
+                x5, x7 = _swap(x5, x7, m2, s16)
+                x0, x4 = _swap(x0, x4, m3, s32)
+                x1, x5 = _swap(x1, x5, m3, s32)
+                x2, x6 = _swap(x2, x6, m3, s32)
+                x3, x7 = _swap(x3, x7, m3, s32)
                 d = o + b
                 dst[u(d)], dst[u(d + ldd)] = x0, x1
                 dst[u(d + 2 * ldd)], dst[u(d + 3 * ldd)] = x2, x3
@@ -162,14 +158,10 @@ def _transpose_quads(src, lds, blocks, cols4, dst, ldd):
                 s = b * 4 * lds + c
                 x0, x1 = src[u(s)], src[u(s + lds)]
                 x2, x3 = src[u(s + 2 * lds)], src[u(s + 3 * lds)]
-                t = ((x0 >> s16) ^ x1) & m1
-                x1, x0 = x1 ^ t, x0 ^ (t << s16)
-                t = ((x2 >> s16) ^ x3) & m1
-                x3, x2 = x3 ^ t, x2 ^ (t << s16)
-                t = ((x0 >> s32) ^ x2) & m2
-                x2, x0 = x2 ^ t, x0 ^ (t << s32)
-                t = ((x1 >> s32) ^ x3) & m2
-                x3, x1 = x3 ^ t, x1 ^ (t << s32)
+                x0, x1 = _swap(x0, x1, m1, s16)
+                x2, x3 = _swap(x2, x3, m1, s16)
+                x0, x2 = _swap(x0, x2, m2, s32)
+                x1, x3 = _swap(x1, x3, m2, s32)
                 d = o + b
                 store_streaming(dst, u(d), x0)
                 store_streaming(dst, u(d + ldd), x1)

@@ -34,6 +34,7 @@ import numpy as np
 from numba import types
 
 from pipeline.fp8 import BF16, FP8
+from pipeline.nonfinite import NAN_CODE_BITS, count_flat
 from pipeline.stores import drain, store_streaming
 from pipeline.strided import flat_input, flat_rows, unit_rows
 
@@ -108,30 +109,16 @@ def _square(codes, ldc, table, words, ldw, rows, cols):
 
 
 @numba.njit(nogil=True, cache=True)
-def _other_nonfinite(table) -> bool:
-    """Whether a code other than the NaN codes (``0x7F``, ``0xFF``) has a non-finite output."""
-    exponent = 0x7F80 if table.itemsize == 2 else 0x7F800000
-    for k in range(256):
-        if (k & 0x7F) != 0x7F and (table[k] & exponent) == exponent:
-            return True
-    return False
-
-
-@numba.njit(nogil=True, cache=True)
 def _count_nonfinite(codes, ldc, rows, cols, table):
     """How many of the ``rows x cols`` codes (rows ``ldc`` apart) have a non-finite output."""
-    n = 0
-    if not _other_nonfinite(table):  # only NaN codes: vectorised over each row
-        nan = np.uint8(0x7F)
-        for r in range(rows):
-            row = codes[r * ldc : r * ldc + cols]
-            for c in range(cols):
-                n += (row[c] & nan) == nan
-        return n
     exponent = 0x7F80 if table.itemsize == 2 else 0x7F800000
+    bad = (table & exponent) == exponent  # [256]
+    if not (bad & ~_NAN_CODE).any():  # only the NaN codes: vectorised over each row
+        return count_flat(codes, ldc, rows, cols, NAN_CODE_BITS)
+    n = 0
     for r in range(rows):
         for c in range(cols):
-            n += (table[codes[r * ldc + c]] & exponent) == exponent
+            n += bad[codes[r * ldc + c]]
     return n
 
 

@@ -37,7 +37,7 @@ from pipeline.source import Reader
 from pipeline.store import ArrayWriter, create_array_metadata
 
 CHUNK_BYTES = 2 << 20  # source rows read per step, as output bytes (a step's FP8 codes fit in L2)
-ROW_PAD = 64  # bytes between FP8 code rows in the read buffer (avoids cache-set conflicts)
+ROW_PAD = 64  # bytes between source rows in the read buffer (avoids cache-set conflicts)
 
 
 def rows_per_step(shape: tuple[int, ...], itemsize: int, nbytes: int | None = None) -> int:
@@ -164,15 +164,12 @@ class UnitContext:
         """(codes ``uint8 [R, C]``, scale grid ``float32``) of a standard-grid FP8 weight.
 
         The codes land in this thread's ``read`` buffer (valid until this thread's next read
-        of any tensor), rows
-        ``C + ROW_PAD`` bytes apart (a strided view).
+        of any tensor), rows ``C + ROW_PAD`` bytes apart (a strided view).
         """
         if self.reader.checked.entry(name).dtype != F8:
             raise InputError(f"tensor '{name}' is not FP8: --expert-dtype float8_* needs FP8")
-        rows, cols = self.reader.shape(name)
-        grid, row_scale = self.scale_rule(name)
-        padded = scratch("read", (rows, cols + ROW_PAD), np.dtype(np.uint8))[:, :cols]
-        codes = self.reader.raw(name, 0, rows, padded)
+        grid, _ = self.scale_rule(name)
+        codes = self._padded_rows(name, 0, self.reader.shape(name)[0])
         return codes.view(np.uint8), np.asarray(grid, np.float32)
 
     def is_fused_kv(self, name: str) -> bool:
@@ -218,10 +215,7 @@ class UnitContext:
                 block_cols = self.cfg.quant.block[1]
                 if k0 % block_cols:
                     raise ValueError(f"{name}: column {k0} does not start a scale block")
-                # rows spaced by a non-power-of-two stride: no cache-set conflicts in the kernel
-                shape = (c1 - c0, width + ROW_PAD)
-                padded = scratch("read", shape, np.dtype(np.uint8))[:, :width]
-                codes = self.reader.raw(name, c0, c1, padded)[:, k0:k1]
+                codes = self._padded_rows(name, c0, c1)[:, k0:k1]
                 nonfinite += dequantise_into(
                     codes, grid[:, k0 // block_cols :], row_scale[c0:c1], block_cols, band
                 )
@@ -233,9 +227,10 @@ class UnitContext:
         return self.count(name, nonfinite)
 
     def _padded_rows(self, name: str, r0: int, r1: int) -> np.ndarray:
-        """Rows ``[r0, r1)`` of the 2-D float tensor ``name`` in this thread's ``read`` buffer,
-        rows ``ROW_PAD`` bytes further apart than their width (a power-of-two row length would
-        put every row of a transposed tile in the same cache sets: half the speed)."""
+        """Rows ``[r0, r1)`` of the 2-D tensor ``name`` (FP8 codes or floats, its stored dtype) in
+        this thread's ``read`` buffer, rows ``ROW_PAD`` bytes further apart than their width (a
+        power-of-two row length would put every row of a transposed tile in the same cache sets:
+        half the speed)."""
         entry = self.reader.checked.entry(name)
         dt, width = NUMPY_DTYPE[entry.dtype], entry.shape[1]
         buf = scratch("read", (r1 - r0, width * dt.itemsize + ROW_PAD), np.dtype(np.uint8))
