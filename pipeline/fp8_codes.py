@@ -3,14 +3,15 @@
 :func:`transpose_bits_into` writes ``out[c, r] = a[r, c]`` for 1-, 2- or 4-byte elements (hub
 layout ``[R, C]`` into a ``[C, R]`` destination, which may be a column band of a larger array);
 :func:`transpose_codes_into` does it for FP8 codes and returns how many are NaN (``0x7F``/
-``0xFF``: e4m3fn has no infinity). No arithmetic: the copy walks tiles of ``TILE_ROWS`` source
+``0xFF``: e4m3fn has no infinity); :func:`transpose_floats_into` for bfloat16 and float32 values,
+returning how many are NaN or infinite. No arithmetic: the copy walks tiles of ``TILE_ROWS`` source
 rows, eight destination rows per pass, so each source cache line is read once per tile and every
 destination row receives a contiguous segment (two to three times NumPy's banded transpose).
 One-byte codes whose rows start on 8-byte boundaries move as 8x8 blocks in 64-bit words (a few
 shifts and masks transpose a block in registers), about 1.5 times the byte loop, and their NaN
 codes are counted on the same words (a separate pass over the source cost half as much as the
-copy); 2-byte elements move as 4x4 blocks the same way, with streaming stores. All loops release
-the GIL.
+copy); 2-byte elements move as 4x4 blocks the same way, with streaming stores, and bfloat16
+non-finite values are counted on their words too. All loops release the GIL.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numba
 import numpy as np
 from numba import types
 
-from pipeline.nonfinite import NAN_CODE_BITS, count_flat
+from pipeline.fp8 import BF16
+from pipeline.nonfinite import EXPONENT, NAN_CODE_BITS, count_flat, count_nonfinite
 from pipeline.stores import drain, store_streaming
 from pipeline.strided import flat_input, flat_rows, unit_rows
 
@@ -27,6 +29,7 @@ TILE_ROWS = 512  # source rows per tile: 512 lines of the source stay in L1/L2 a
 
 _BITS = {1: types.uint8, 2: types.uint16, 4: types.uint32}
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+_MARKED = {1: NAN_CODE_BITS, 2: EXPONENT[2]}  # what word blocks count: NaN codes, bf16 non-finite
 
 
 @numba.njit(
@@ -74,6 +77,16 @@ def _nan_bits(x):
     """Bit 0 of each byte of ``x`` set where that byte is a NaN code (low 7 bits all ones)."""
     u = np.uint64
     return (((x & u(0x7F7F7F7F7F7F7F7F)) + u(0x0101010101010101)) & u(0x8080808080808080)) >> u(7)
+
+
+@numba.njit(inline="always")
+def _nonfinite_bits(x):
+    """Bit 0 of each 16-bit lane of ``x`` set where that lane is a non-finite bfloat16 (exponent
+    bits ``0x7F80`` all ones). ``y``, the exponent bits flipped, is 0 exactly there; otherwise at
+    most ``0x7F80``, so ``y + 0x7FFF`` sets the lane's top bit without carrying out of it."""
+    u = np.uint64
+    y = (x & u(0x7F807F807F807F80)) ^ u(0x7F807F807F807F80)
+    return (~(y + u(0x7FFF7FFF7FFF7FFF)) & u(0x8000800080008000)) >> u(15)
 
 
 _WORDS = types.Array(types.uint64, 1, "C")
@@ -136,7 +149,7 @@ def _transpose_words(src, lds, blocks, cols8, dst, ldd):
     return nan
 
 
-@numba.njit(types.void(*_BLOCKS_ARGS), nogil=True, cache=True)
+@numba.njit(types.int64(*_BLOCKS_ARGS), nogil=True, cache=True)
 def _transpose_quads(src, lds, blocks, cols4, dst, ldd):
     """2-byte transpose by 4x4 blocks held in four 64-bit words: ``blocks`` blocks of 4 source
     rows by ``cols4`` words (4 elements) of each; ``lds``/``ldd``: row strides in words.
@@ -145,10 +158,15 @@ def _transpose_quads(src, lds, blocks, cols4, dst, ldd):
     The four words go out as streaming stores (:mod:`pipeline.stores`), four destination rows
     filled side by side: 1.5 times the element loop here (the 8-byte version of this for 1-byte
     codes, eight rows side by side, runs at a third of its plain stores' speed, so it keeps them).
+
+    Returns how many of the elements moved have the bfloat16 exponent bits (``0x7F80``) all
+    set, counted on the loaded words (:func:`_nonfinite_bits`; a separate pass would read the
+    source again).
     """
     u = np.uint64
     m1, m2 = u(0x0000FFFF0000FFFF), u(0x00000000FFFFFFFF)
-    s16, s32 = u(16), u(32)
+    s16, s32, s48, ones = u(16), u(32), u(48), u(0x0001000100010001)
+    marked = 0
     tile = TILE_ROWS // 4  # row blocks per tile (the source lines stay in L2 across words)
     for b0 in range(0, blocks, tile):
         b1 = min(b0 + tile, blocks)
@@ -158,6 +176,8 @@ def _transpose_quads(src, lds, blocks, cols4, dst, ldd):
                 s = b * 4 * lds + c
                 x0, x1 = src[u(s)], src[u(s + lds)]
                 x2, x3 = src[u(s + 2 * lds)], src[u(s + 3 * lds)]
+                z = _nonfinite_bits(x0) + _nonfinite_bits(x1) + _nonfinite_bits(x2)
+                marked += ((z + _nonfinite_bits(x3)) * ones) >> s48  # the sum of the lanes
                 x0, x1 = _swap(x0, x1, m1, s16)
                 x2, x3 = _swap(x2, x3, m1, s16)
                 x0, x2 = _swap(x0, x2, m2, s32)
@@ -168,6 +188,7 @@ def _transpose_quads(src, lds, blocks, cols4, dst, ldd):
                 store_streaming(dst, u(d + 2 * ldd), x2)
                 store_streaming(dst, u(d + 3 * ldd), x3)
     drain()
+    return marked
 
 
 def _words(flat: np.ndarray) -> np.ndarray:
@@ -180,34 +201,34 @@ def _transpose_blocks(src, lds, rows, cols, dst, ldd) -> int:
     """:func:`_transpose` for 1- and 2-byte elements: blocks of ``n = 8 / size`` rows by ``n``
     elements moved as 64-bit words (:func:`_transpose_words`, :func:`_transpose_quads`) where
     both sides' rows start on 8-byte boundaries (the converter's buffers do), the element loop
-    for the edges and the rest. Returns how many 1-byte elements are NaN codes (0 for 2-byte)."""
+    for the edges and the rest. Returns how many elements have all the bits of ``_MARKED`` set:
+    NaN codes of 1-byte elements, non-finite bfloat16 of 2-byte ones."""
     n = 8 // src.itemsize
     rn, cn = rows - rows % n, cols - cols % n
     aligned = lds % n == 0 and ldd % n == 0 and src.ctypes.data % 8 == 0 == dst.ctypes.data % 8
     if not (aligned and rn and cn):
         _transpose(src, lds, rows, cols, dst, ldd)
-        return _nan_codes(src, lds, rows, cols) if n == 8 else 0
-    nan = 0
-    if n == 8:
-        nan = _transpose_words(_words(src), lds // n, rn // n, cn // n, _words(dst), ldd // n)
-    else:
-        _transpose_quads(_words(src), lds // n, rn // n, cn // n, _words(dst), ldd // n)
+        return _marked(src, lds, rows, cols)
+    words = _transpose_words if n == 8 else _transpose_quads
+    marked = words(_words(src), lds // n, rn // n, cn // n, _words(dst), ldd // n)
     if cols > cn:  # the last columns, every row
         _transpose(src[cn:], lds, rows, cols - cn, dst[cn * ldd :], ldd)
-        nan += _nan_codes(src[cn:], lds, rows, cols - cn) if n == 8 else 0
+        marked += _marked(src[cn:], lds, rows, cols - cn)
     if rows > rn:  # the last rows, the other columns
         _transpose(src[rn * lds :], lds, rows - rn, cn, dst[rn:], ldd)
-        nan += _nan_codes(src[rn * lds :], lds, rows - rn, cn) if n == 8 else 0
-    return nan
+        marked += _marked(src[rn * lds :], lds, rows - rn, cn)
+    return marked
 
 
-def _nan_codes(flat: np.ndarray, ld: int, rows: int, cols: int) -> int:
-    """NaN codes among ``rows x cols`` bytes of ``flat``, rows ``ld`` apart."""
-    return int(count_flat(flat, ld, rows, cols, NAN_CODE_BITS))
+def _marked(flat: np.ndarray, ld: int, rows: int, cols: int) -> int:
+    """Elements with all the bits of ``_MARKED`` set among ``rows x cols`` of ``flat``, rows
+    ``ld`` apart."""
+    return int(count_flat(flat, ld, rows, cols, _MARKED[flat.itemsize]))
 
 
 def _transposed(a: np.ndarray, out: np.ndarray) -> int:
-    """:func:`transpose_bits_into`; returns the NaN codes among 1-byte elements (0 else)."""
+    """:func:`transpose_bits_into`; returns, for 1- and 2-byte elements, how many have all the
+    bits of ``_MARKED`` set (0 for 4-byte ones)."""
     size = a.dtype.itemsize
     if size not in _UNSIGNED or out.dtype.itemsize != size:
         raise TypeError(f"transpose_bits_into: {a.dtype} into {out.dtype}")
@@ -237,6 +258,21 @@ def transpose_bits_into(a: np.ndarray, out: np.ndarray) -> None:
     rows that are not unit-stride go through a temporary.
     """
     _transposed(a, out)
+
+
+def transpose_floats_into(a: np.ndarray, out: np.ndarray) -> int:
+    """``out[...] = a.T`` for bfloat16 or float32 ``a`` (``[R, C]``, any strides; ``out``
+    ``[C, R]`` of the same dtype, any strides); return how many values are NaN or infinite.
+
+    bfloat16 values are counted on the words the copy moves; float32 ones in a pass of their own.
+    """
+    if a.dtype == BF16 == out.dtype:
+        return _transposed(a, out)
+    if a.dtype != np.float32 or out.dtype != np.float32:
+        raise TypeError(f"transpose_floats_into: {a.dtype} into {out.dtype}: bfloat16 or float32")
+    nonfinite = count_nonfinite(a)
+    _transposed(a, out)
+    return nonfinite
 
 
 def transpose_codes_into(codes: np.ndarray, out: np.ndarray) -> int:

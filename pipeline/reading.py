@@ -6,8 +6,8 @@ read as codes and dequantised and transposed in one pass straight into the desti
 K/V grid is recognised by its shape).
 
 Non-finite values are counted as they are produced, never by reading again: the FP8 kernel
-returns its count, float rows are counted on their bits once cast
-(:func:`pipeline.nonfinite.count_nonfinite`); :meth:`UnitContext.transposed_rows` returns the
+returns its count, float rows are counted on their bits once cast, by the transposed copy
+(:func:`pipeline.fp8_codes.transpose_floats_into`); :meth:`UnitContext.transposed_rows` returns the
 count and ``UnitContext.tensor_nonfinite`` keeps it per source tensor, so a failure can name the
 tensor.
 """
@@ -27,10 +27,9 @@ from mimo.fp8 import ceil_div, fused_kv_row_scales, kv_grid_rows, reads_fused, s
 from mimo.names import scale_name
 from pipeline.buffers import scratch
 from pipeline.errors import InputError
-from pipeline.fp8_codes import transpose_bits_into
+from pipeline.fp8_codes import transpose_bits_into, transpose_floats_into
 from pipeline.fp8_kernel import dequantise_into
 from pipeline.inventory import F8, ITEMSIZE
-from pipeline.nonfinite import count_nonfinite
 from pipeline.plan import OutputArray
 from pipeline.safetensors_io import NUMPY_DTYPE
 from pipeline.source import Reader
@@ -222,8 +221,7 @@ class UnitContext:
                 continue
             raw = self._padded_rows(name, c0, c1)[:, k0:k1]
             rows = raw if raw.dtype == dt else raw.astype(dt)
-            nonfinite += count_nonfinite(rows)
-            transpose_into(rows, band)
+            nonfinite += transpose_floats_into(rows, band)
         return self.count(name, nonfinite)
 
     def _padded_rows(self, name: str, r0: int, r1: int) -> np.ndarray:

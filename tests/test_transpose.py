@@ -1,6 +1,7 @@
 """The compiled transposed copies (``pipeline.fp8_codes``) against NumPy's ``.T``: every element
 size, ragged shapes, padded and offset rows (the 64-bit word blocks and the element loop both
-run), column bands of wider destinations, read-only sources, and the NaN count of FP8 codes."""
+run), column bands of wider destinations, read-only sources, the NaN count of FP8 codes and the
+non-finite count of bfloat16 and float32 values."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline import fp8_codes
-from pipeline.fp8_codes import transpose_bits_into, transpose_codes_into
+from pipeline.fp8 import BF16
+from pipeline.fp8_codes import transpose_bits_into, transpose_codes_into, transpose_floats_into
 
 SHAPES = [(1, 1), (7, 9), (8, 8), (9, 17), (64, 40), (65, 130), (1030, 72), (24, 2049)]
 
@@ -76,6 +78,45 @@ def test_nan_codes_are_counted_in_the_word_blocks_and_at_the_edges(monkeypatch):
     assert len(calls) == 1
     a[...] = 0x7F  # every code NaN: eight a byte lane in each block, no overflow
     assert transpose_codes_into(a, out) == a.size
+
+
+NON_FINITE_BF16 = (0x7F80, 0xFF80, 0x7FC0, 0xFFC1, 0x7F81, 0xFFFF)  # +-inf, NaNs (any payload)
+NEAR_BF16 = (0x7F7F, 0xFF7F, 0x7F00, 0x0080)  # finite: one exponent bit short, or the mantissa
+
+
+@pytest.mark.parametrize("skew, pad, words", [(0, 70, 1), (1, 70, 0)])
+def test_nonfinite_bfloat16_are_counted_in_the_word_blocks_and_at_the_edges(
+    monkeypatch, skew, pad, words
+):
+    calls = []
+    real = fp8_codes._transpose_quads
+    monkeypatch.setattr(fp8_codes, "_transpose_quads", lambda *a: calls.append(a) or real(*a))
+    rng = np.random.default_rng(11)
+    bits = source(1034, 74, np.uint16, pad, skew, rng)  # ragged: 2 rows, 2 columns
+    bits[(bits & 0x7F80) == 0x7F80] &= 0xBFFF  # every value finite (and the near misses below)
+    near = rng.choice(bits.size, 40, replace=False)
+    bits.reshape(-1)[near] = np.resize(np.array(NEAR_BF16, np.uint16), near.size)
+    spots = [(0, 0), (3, 3), (500, 37), (7, 72), (1032, 5), (1033, 73), (2, 73), (1033, 0)]
+    for i, (r, c) in enumerate(spots):  # blocks, the last columns, the last rows, corners
+        bits[r, c] = NON_FINITE_BF16[i % len(NON_FINITE_BF16)]
+    a = bits.view(BF16)
+    out = np.empty((74, 1040), BF16)[:, :1034]
+    assert transpose_floats_into(a, out) == len(spots)
+    assert np.count_nonzero(~np.isfinite(a.astype(np.float32))) == len(spots)
+    np.testing.assert_array_equal(out.view(np.uint16), bits.T)
+    assert len(calls) == words
+    bits[...] = 0xFFC0  # every value NaN: four a lane in each block, no overflow
+    assert transpose_floats_into(a, out) == a.size
+
+
+def test_float32_transposes_count_nonfinite_and_other_dtypes_are_refused():
+    a = np.arange(63 * 35, dtype=np.float32).reshape(63, 35)
+    a[[0, 9, 62], [1, 34, 0]] = [np.inf, np.nan, -np.inf]
+    out = np.empty((35, 63), np.float32)
+    assert transpose_floats_into(a, out) == 3
+    np.testing.assert_array_equal(out, a.T)
+    with pytest.raises(TypeError, match="float16"):
+        transpose_floats_into(a.astype(np.float16), out.astype(np.float16))
 
 
 @pytest.mark.parametrize(
