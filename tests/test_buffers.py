@@ -91,3 +91,15 @@ def test_a_name_is_one_buffer_for_every_dtype() -> None:
         assert not np.shares_memory(words, codes)
 
     _in_fresh_thread(sequence)
+
+
+def test_a_slightly_larger_request_reuses_the_touched_buffer() -> None:
+    def sequence() -> None:
+        gate = scratch("read", (2048, 4096 + 64), np.uint8)  # a routed expert's gate codes
+        down = scratch("read", (4096, 2048 + 64), np.uint8)  # then its down codes: 1.6% larger
+        assert np.shares_memory(gate, down)
+        assert _pool()["read"].nbytes % buffers.GROW == 0
+        small = scratch("idx", (1000,), np.uint8)  # up to GROW: exactly what is asked
+        assert _pool()["idx"].nbytes == small.nbytes == 1000
+
+    _in_fresh_thread(sequence)
