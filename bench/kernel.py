@@ -3,7 +3,7 @@
 In one run, on quantised random weights read as the converter reads them (row-padded code buffer,
 converter-sized row chunks written into column bands of the output):
 
-- (a) ``numpy``: today's converter step, ``transpose_into`` of the codes then
+- (a) ``numpy``: the converter's earlier step, ``transpose_bits_into`` of the codes then
   ``dequantise_transposed`` (256-entry table gather), no non-finite count;
 - (b) ``tiled``: a cache-tiled NumPy version of the kernel's contract (gather through the
   transposed view of each tile, non-finite count per tile);
@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from mimo.fp8 import standard_row_scales  # noqa: E402
 from pipeline.fp8 import BF16, _tables, dequantise_transposed  # noqa: E402
+from pipeline.fp8_codes import transpose_bits_into  # noqa: E402
 from pipeline.fp8_kernel import dequantise_into  # noqa: E402
-from pipeline.reading import CHUNK_BYTES, ROW_PAD, transpose_into  # noqa: E402
+from pipeline.reading import CHUNK_BYTES, ROW_PAD  # noqa: E402
 
 BLOCK = 128
 SHAPES = {"expert [4096, 2048]": (4096, 2048), "dense gate [16384, 4096]": (16384, 4096)}
@@ -71,7 +72,7 @@ def numpy_path(t: Tensor) -> int:
     """(a) The converter's current step: transpose the codes, then dequantise into the band."""
     for r0, r1, codes, band in t.chunks():
         codes_t = t.codes_t[:, : r1 - r0]
-        transpose_into(codes, codes_t)
+        transpose_bits_into(codes, codes_t)
         dequantise_transposed(codes_t, t.scales, t.row_scale[r0:r1], BLOCK, BF16, band)
     return 0
 

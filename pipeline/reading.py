@@ -6,10 +6,10 @@ read as codes and dequantised and transposed in one pass straight into the desti
 K/V grid is recognised by its shape).
 
 Non-finite values are counted as they are produced, never by reading again: the FP8 kernel
-returns its count, float rows are counted on their bits once cast, by the transposed copy
-(:func:`pipeline.fp8_codes.transpose_floats_into`); :meth:`UnitContext.transposed_rows` returns the
-count and ``UnitContext.tensor_nonfinite`` keeps it per source tensor, so a failure can name the
-tensor.
+returns its count, transposed float rows are counted on their bits by the copy that transposes
+them (:func:`pipeline.fp8_codes.transpose_floats_into`), rows written as read by their writer.
+:meth:`UnitContext.transposed_rows` returns the count and ``UnitContext.tensor_nonfinite`` keeps
+it per source tensor, so a failure can name the tensor.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from mimo.fp8 import ceil_div, fused_kv_row_scales, kv_grid_rows, reads_fused, s
 from mimo.names import scale_name
 from pipeline.buffers import scratch
 from pipeline.errors import InputError
-from pipeline.fp8_codes import transpose_bits_into, transpose_floats_into
+from pipeline.fp8_codes import transpose_floats_into
 from pipeline.fp8_kernel import dequantise_into
 from pipeline.inventory import F8, ITEMSIZE
 from pipeline.plan import OutputArray
@@ -44,17 +44,6 @@ def rows_per_step(shape: tuple[int, ...], itemsize: int, nbytes: int | None = No
     ``itemsize`` bytes per value per step: a multiple of 128 rows, at least 128."""
     row = math.prod(shape[1:]) * itemsize if len(shape) > 1 else 1
     return max(128, (nbytes or CHUNK_BYTES) // max(row, 1) // 128 * 128)
-
-
-def transpose_into(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """``dst[...] = src.T`` for 2-D arrays of the same dtype (compiled tiles for 1-, 2- and
-    4-byte elements, :func:`pipeline.fp8_codes.transpose_bits_into`; 16-row NumPy bands else)."""
-    if src.dtype == dst.dtype and src.dtype.itemsize in (1, 2, 4):
-        transpose_bits_into(src, dst)
-        return dst
-    for i in range(0, src.shape[0], 16):
-        dst[:, i : i + 16] = src[i : i + 16].T
-    return dst
 
 
 class UnitContext:
