@@ -20,9 +20,10 @@ $(DEMO_STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	touch $(DEMO_STAMP)
 
+# The tests run on every core, at most 4 (each worker imports torch and builds its own fixtures).
 test: $(STAMP)
 	$(PY) -m ruff check mimo pipeline loader runtime tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 demo: $(DEMO_STAMP)
 	rm -rf $(DEMO)
