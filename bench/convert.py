@@ -123,8 +123,7 @@ def run_convert(
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "pipeline.cli", str(src), str(out), "--devices", str(devices)]
     cmd += ["--workers", str(workers), "--expert-dtype", expert_dtype, "--quiet"]
-    first = min(os.sched_getaffinity(0))
-    pin = (lambda: os.sched_setaffinity(0, {first})) if one_core else None
+    pin = (lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})) if one_core else None
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=pin)
     _, status, usage = os.wait4(p.pid, 0)

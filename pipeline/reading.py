@@ -195,14 +195,15 @@ class UnitContext:
         width = self.reader.shape(name)[1]
         k0, k1 = cols if cols is not None else (0, width)
         fp8 = self.reader.checked.entry(name).dtype == F8
+        if fp8:
+            grid, row_scale = self.scale_rule(name)
+            block_cols = self.cfg.quant.block[1]
+            if k0 % block_cols:
+                raise ValueError(f"{name}: column {k0} does not start a scale block")
         for c0 in range(r0, r1, step):
             c1 = min(c0 + step, r1)
             band = dst[:, c0 - r0 : c1 - r0]
             if fp8:
-                grid, row_scale = self.scale_rule(name)
-                block_cols = self.cfg.quant.block[1]
-                if k0 % block_cols:
-                    raise ValueError(f"{name}: column {k0} does not start a scale block")
                 codes = self._padded_rows(name, c0, c1)[:, k0:k1]
                 nonfinite += dequantise_into(
                     codes, grid[:, k0 // block_cols :], row_scale[c0:c1], block_cols, band
